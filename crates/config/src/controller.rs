@@ -1,0 +1,196 @@
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::{decode, read, Checker, ConfigError, RawTls, TlsFiles};
+
+/// The validated controller config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControllerConfig {
+    pub source: PathBuf,
+    pub listen: SocketAddr,
+    pub tls: TlsFiles,
+    /// The interval agents are expected to report at, used until an agent
+    /// has told its own.
+    pub report_interval: Duration,
+    /// An agent is down after this many report intervals without a report.
+    pub down_after_missed_reports: u32,
+    /// Largest request body the API accepts.
+    pub max_request_bytes: u64,
+    pub sites: Vec<Site>,
+    pub agents: Vec<AgentEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Site {
+    pub name: String,
+    pub description: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentEntry {
+    pub id: String,
+    pub site: String,
+    pub description: String,
+}
+
+impl ControllerConfig {
+    pub fn load(path: &Path) -> Result<ControllerConfig, ConfigError> {
+        let text = read(path)?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<ControllerConfig, ConfigError> {
+        let raw: RawController = decode(path, text)?;
+        validate(path, text, raw)
+    }
+
+    pub fn site_of(&self, agent: &str) -> Option<&str> {
+        self.agents
+            .iter()
+            .find(|a| a.id == agent)
+            .map(|a| a.site.as_str())
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawController {
+    listen: String,
+    tls: RawTls,
+    #[serde(default)]
+    health: RawHealth,
+    #[serde(default)]
+    limits: RawLimits,
+    sites: Vec<RawSite>,
+    #[serde(default)]
+    agents: Vec<RawAgentEntry>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    report_interval: Option<String>,
+    down_after_missed_reports: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_request_bytes: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSite {
+    name: String,
+    #[serde(default)]
+    description: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgentEntry {
+    id: String,
+    site: String,
+    #[serde(default)]
+    description: String,
+}
+
+fn validate(path: &Path, text: &str, raw: RawController) -> Result<ControllerConfig, ConfigError> {
+    let mut check = Checker::new(path, text);
+
+    let listen = match raw.listen.parse::<SocketAddr>() {
+        Ok(addr) => addr,
+        Err(_) => {
+            check.problem(
+                "listen",
+                format!("{:?} is not an address and port such as 0.0.0.0:9443", raw.listen),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        }
+    };
+    let tls = check.tls(&raw.tls);
+    let report_interval = check.duration(
+        "health.report_interval",
+        raw.health.report_interval.as_deref(),
+        Duration::from_secs(15),
+    );
+    let down_after_missed_reports = raw.health.down_after_missed_reports.unwrap_or(3);
+    if down_after_missed_reports == 0 {
+        check.problem("health.down_after_missed_reports", "must be at least 1");
+    }
+    let max_request_bytes = check.bytes(
+        "limits.max_request_bytes",
+        raw.limits.max_request_bytes.as_deref(),
+        1 << 20,
+    );
+
+    if raw.sites.is_empty() {
+        check.problem("sites", "at least one site must be declared");
+    }
+    let mut site_index: HashMap<&str, usize> = HashMap::new();
+    for (i, site) in raw.sites.iter().enumerate() {
+        let field = format!("sites[{i}].name");
+        check.id(&field, &site.name, "site name");
+        if let Some(first) = site_index.insert(&site.name, i) {
+            check.problem(
+                &field,
+                format!("duplicate site {:?} (first declared at sites[{first}])", site.name),
+            );
+        }
+    }
+    let mut agent_index: HashMap<&str, usize> = HashMap::new();
+    for (i, agent) in raw.agents.iter().enumerate() {
+        let field = format!("agents[{i}].id");
+        check.id(&field, &agent.id, "agent id");
+        if let Some(first) = agent_index.insert(&agent.id, i) {
+            check.problem(
+                &field,
+                format!("duplicate agent id {:?} (first declared at agents[{first}])", agent.id),
+            );
+        }
+        if !site_index.contains_key(agent.site.as_str()) {
+            let declared: Vec<&str> = raw.sites.iter().map(|s| s.name.as_str()).collect();
+            check.problem(
+                &format!("agents[{i}].site"),
+                format!(
+                    "agent {:?} is in site {:?}, which is not declared in sites (declared: {})",
+                    agent.id,
+                    agent.site,
+                    declared.join(", ")
+                ),
+            );
+        }
+    }
+
+    let config = ControllerConfig {
+        source: path.to_path_buf(),
+        listen,
+        tls,
+        report_interval,
+        down_after_missed_reports,
+        max_request_bytes,
+        sites: raw
+            .sites
+            .into_iter()
+            .map(|s| Site {
+                name: s.name,
+                description: s.description,
+            })
+            .collect(),
+        agents: raw
+            .agents
+            .into_iter()
+            .map(|a| AgentEntry {
+                id: a.id,
+                site: a.site,
+                description: a.description,
+            })
+            .collect(),
+    };
+    check.finish(config)
+}

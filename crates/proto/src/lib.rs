@@ -1,0 +1,316 @@
+//! Wire types exchanged between dicops agents, the controller and the CLI.
+//!
+//! Only serde types live here, no I/O. Decoders are tolerant of unknown
+//! fields so that a newer agent can talk to an older controller and back;
+//! every field added later carries `#[serde(default)]`.
+
+use serde::{Deserialize, Serialize};
+
+/// Where an agent posts its reports.
+pub const REPORT_PATH: &str = "/api/v1/report";
+/// Current state of every site and agent, for the CLI and dashboards.
+pub const STATUS_PATH: &str = "/api/v1/status";
+
+/// The URI subject alternative name scheme that carries a dicops identity in
+/// a certificate: `dicops://agent/<id>`, `dicops://controller`,
+/// `dicops://operator/<name>`.
+pub const IDENTITY_URI_SCHEME: &str = "dicops://";
+
+/// Who a certificate speaks for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "role", content = "name", rename_all = "snake_case")]
+pub enum Identity {
+    Agent(String),
+    Controller,
+    Operator(String),
+}
+
+impl Identity {
+    /// The URI that encodes this identity in a certificate.
+    pub fn to_uri(&self) -> String {
+        match self {
+            Identity::Agent(id) => format!("{IDENTITY_URI_SCHEME}agent/{id}"),
+            Identity::Controller => format!("{IDENTITY_URI_SCHEME}controller"),
+            Identity::Operator(name) => format!("{IDENTITY_URI_SCHEME}operator/{name}"),
+        }
+    }
+
+    /// Parses a URI written by [`Identity::to_uri`].
+    pub fn from_uri(uri: &str) -> Option<Identity> {
+        let rest = uri.strip_prefix(IDENTITY_URI_SCHEME)?;
+        if rest == "controller" {
+            return Some(Identity::Controller);
+        }
+        let (role, name) = rest.split_once('/')?;
+        if !is_valid_id(name) {
+            return None;
+        }
+        match role {
+            "agent" => Some(Identity::Agent(name.to_string())),
+            "operator" => Some(Identity::Operator(name.to_string())),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Identity::Agent(id) => write!(f, "agent {id}"),
+            Identity::Controller => write!(f, "controller"),
+            Identity::Operator(name) => write!(f, "operator {name}"),
+        }
+    }
+}
+
+/// Agent ids, site names and operator names: short, safe in file names,
+/// URIs and Prometheus label values.
+pub fn is_valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && !id.starts_with('.')
+        && !id.starts_with('-')
+}
+
+/// One health report from an agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// The reporting agent; must match the identity of its certificate.
+    pub agent: String,
+    /// Increases by one with every report the agent builds; restarts at 1
+    /// when the agent restarts, together with a new `instance`.
+    pub seq: u64,
+    /// Random per agent process, so the controller tells a restart from a
+    /// replay.
+    #[serde(default)]
+    pub instance: String,
+    /// When the health figures were collected (Unix seconds).
+    pub collected_at: f64,
+    /// The agent's report interval, so the controller knows when it is late.
+    pub interval_seconds: f64,
+    pub info: AgentInfo,
+    pub health: HostHealth,
+    /// Failed attempts to reach the controller since the agent started, by
+    /// class, so that a cut-off site and a broken certificate look different.
+    #[serde(default)]
+    pub report_failures: ReportFailures,
+    /// The agent's own certificate, as it sees it.
+    #[serde(default)]
+    pub certificate_expiry_timestamp_seconds: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    pub version: String,
+    #[serde(default)]
+    pub hostname: String,
+    #[serde(default)]
+    pub os: String,
+    #[serde(default)]
+    pub kernel: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportFailures {
+    /// DNS, TCP connect, connection reset, timeout.
+    #[serde(default)]
+    pub network: u64,
+    /// TLS handshake or certificate errors.
+    #[serde(default)]
+    pub tls: u64,
+    /// The controller answered, but refused the report.
+    #[serde(default)]
+    pub rejected: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HostHealth {
+    pub cpu_usage_ratio: f64,
+    pub load1: f64,
+    pub load5: f64,
+    pub load15: f64,
+    pub memory_total_bytes: u64,
+    pub memory_available_bytes: u64,
+    pub swap_total_bytes: u64,
+    pub swap_free_bytes: u64,
+    pub uptime_seconds: u64,
+    pub boot_time_seconds: u64,
+    #[serde(default)]
+    pub filesystems: Vec<Filesystem>,
+    #[serde(default)]
+    pub disks: Vec<DiskIo>,
+    #[serde(default)]
+    pub networks: Vec<NetworkIo>,
+    #[serde(default)]
+    pub services: Vec<ServiceState>,
+    /// Paths named in the agent's config (backup folders, replication
+    /// roots), measured with statvfs even when they are network mounts.
+    #[serde(default)]
+    pub paths: Vec<PathUsage>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Filesystem {
+    pub mountpoint: String,
+    pub device: String,
+    pub fstype: String,
+    pub size_bytes: u64,
+    pub avail_bytes: u64,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DiskIo {
+    pub device: String,
+    pub read_bytes_total: u64,
+    pub written_bytes_total: u64,
+    #[serde(default)]
+    pub reads_completed_total: u64,
+    #[serde(default)]
+    pub writes_completed_total: u64,
+    #[serde(default)]
+    pub io_time_seconds_total: f64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkIo {
+    pub device: String,
+    pub receive_bytes_total: u64,
+    pub transmit_bytes_total: u64,
+    #[serde(default)]
+    pub receive_errors_total: u64,
+    #[serde(default)]
+    pub transmit_errors_total: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceState {
+    pub name: String,
+    /// systemd's ActiveState (`active`, `failed`, `inactive`, ...) or
+    /// `unknown` when systemd could not be asked.
+    pub active_state: String,
+    #[serde(default)]
+    pub sub_state: String,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+impl ServiceState {
+    pub fn is_up(&self) -> bool {
+        self.active_state == "active"
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathState {
+    Ok,
+    /// statvfs did not answer in time: typically a hung NFS/CIFS mount.
+    Hung,
+    Error,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathUsage {
+    pub path: String,
+    pub state: PathState,
+    #[serde(default)]
+    pub size_bytes: u64,
+    #[serde(default)]
+    pub avail_bytes: u64,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// The controller's answer to an accepted report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReportAck {
+    pub accepted: bool,
+    pub site: String,
+}
+
+/// Every refusal from the controller's API has this shape.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// A stable, machine-readable cause, also used as the `reason` label of
+    /// the rejection counters.
+    pub reason: String,
+    /// A sentence for the human who reads it.
+    pub error: String,
+}
+
+/// `GET /api/v1/status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusResponse {
+    pub generated_at: f64,
+    pub controller_version: String,
+    pub sites: Vec<SiteStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SiteStatus {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub reachable: bool,
+    pub agents_up: usize,
+    pub agents: Vec<AgentStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub id: String,
+    pub up: bool,
+    pub last_report_at: Option<f64>,
+    pub info: Option<AgentInfo>,
+    pub health: Option<HostHealth>,
+    #[serde(default)]
+    pub certificate_expiry_timestamp_seconds: Option<f64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_uri_round_trip() {
+        for id in [
+            Identity::Agent("db01".into()),
+            Identity::Controller,
+            Identity::Operator("alice".into()),
+        ] {
+            assert_eq!(Identity::from_uri(&id.to_uri()), Some(id));
+        }
+        assert_eq!(Identity::from_uri("dicops://agent/../x"), None);
+        assert_eq!(Identity::from_uri("dicops://root/x"), None);
+        assert_eq!(Identity::from_uri("https://agent/x"), None);
+    }
+
+    #[test]
+    fn ids() {
+        assert!(is_valid_id("db01.dc1"));
+        assert!(!is_valid_id(""));
+        assert!(!is_valid_id("a b"));
+        assert!(!is_valid_id("a/b"));
+        assert!(!is_valid_id("..x"));
+        assert!(!is_valid_id("é"));
+    }
+
+    #[test]
+    fn reports_tolerate_unknown_and_missing_optional_fields() {
+        let json = r#"{"agent":"db01","seq":1,"collected_at":1.0,"interval_seconds":15,
+            "info":{"version":"9.9","from_the_future":true},
+            "health":{"cpu_usage_ratio":0.5,"load1":0,"load5":0,"load15":0,
+              "memory_total_bytes":1,"memory_available_bytes":1,"swap_total_bytes":0,
+              "swap_free_bytes":0,"uptime_seconds":5,"boot_time_seconds":7},
+            "new_field":[1,2,3]}"#;
+        let report: Report = serde_json::from_str(json).expect("tolerant decode");
+        assert_eq!(report.agent, "db01");
+        assert_eq!(report.report_failures, ReportFailures::default());
+        assert!(report.health.filesystems.is_empty());
+    }
+}
