@@ -1,1 +1,247 @@
+//! dicops-agent: one per server. Collects host health and reports it to
+//! the controller over mutual TLS. It only dials out: the controller never
+//! needs to reach an agent's control port.
 
+pub mod collect;
+mod report;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use dicops_config::AgentConfig;
+use dicops_core::backoff::Backoff;
+use dicops_net::{HttpsClient, TlsFiles, TlsReloader};
+use dicops_proto::Identity;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+pub use report::Snapshot;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{file}: {source}")]
+    Tls {
+        file: PathBuf,
+        source: dicops_net::TlsError,
+    },
+    #[error("{file}: tls.cert: the certificate is for {actual}, but this agent's id is {id:?}; issue one with `dicops pki issue --agent {id}`")]
+    WrongIdentity { file: PathBuf, actual: Identity, id: String },
+    #[error("{file}: controller.url: {source}")]
+    Url {
+        file: PathBuf,
+        source: dicops_net::ClientError,
+    },
+    #[error("cannot start the collector thread: {0}")]
+    Thread(std::io::Error),
+}
+
+impl StartError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            StartError::Thread(_) => 1,
+            _ => 2,
+        }
+    }
+}
+
+/// Loads the agent's certificates and checks they are this agent's.
+pub fn load_tls(config: &AgentConfig) -> Result<Arc<TlsReloader>, StartError> {
+    let tls = TlsReloader::load(TlsFiles {
+        ca: config.tls.ca.clone(),
+        cert: config.tls.cert.clone(),
+        key: config.tls.key.clone(),
+    })
+    .map_err(|source| StartError::Tls {
+        file: config.source.clone(),
+        source,
+    })?;
+    let expected = Identity::Agent(config.id.clone());
+    let actual = tls.identity();
+    if actual != expected {
+        return Err(StartError::WrongIdentity {
+            file: config.source.clone(),
+            actual,
+            id: config.id.clone(),
+        });
+    }
+    Ok(tls)
+}
+
+/// A started agent.
+pub struct Running {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    collector: Option<std::thread::JoinHandle<()>>,
+    stop_collector: Option<mpsc::Sender<()>>,
+}
+
+impl Running {
+    pub async fn wait(mut self) {
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+        // Dropping the sender wakes the collector thread, which then exits.
+        drop(self.stop_collector.take());
+        if let Some(collector) = self.collector.take() {
+            let _ = tokio::task::spawn_blocking(move || collector.join()).await;
+        }
+    }
+}
+
+/// Starts collecting and reporting until `shutdown`.
+pub fn start(config: AgentConfig, shutdown: CancellationToken) -> Result<Running, StartError> {
+    let tls = load_tls(&config)?;
+    let client = HttpsClient::new(&config.controller_url, Identity::Controller, tls.clone()).map_err(|source| StartError::Url {
+        file: config.source.clone(),
+        source,
+    })?;
+
+    let (snapshot_tx, snapshot_rx) = watch::channel(None);
+    let (stop_tx, stop_rx) = mpsc::channel::<()>();
+    let collect_config = config.collect.clone();
+    let collector = std::thread::Builder::new()
+        .name("collector".into())
+        .spawn(move || collector_loop(collect_config, snapshot_tx, stop_rx))
+        .map_err(StartError::Thread)?;
+
+    let watcher = tls.spawn_watcher(config.tls.reload_interval, shutdown.clone(), |_| {});
+    let mut jitter = report::Jitter::new();
+    let reporter = report::Reporter {
+        agent_id: config.id.clone(),
+        interval: config.collect.interval,
+        info: collect::agent_info(),
+        instance: format!("{:016x}", jitter.next_u64()),
+        client,
+        tls,
+        backoff: Backoff {
+            max: Duration::from_secs(60).min(config.collect.interval * 4).max(Duration::from_secs(5)),
+            ..Backoff::default()
+        },
+    };
+    let reporter = tokio::spawn(reporter.run(snapshot_rx, shutdown));
+    tracing::info!(agent = %config.id, controller = %config.controller_url, interval_s = config.collect.interval.as_secs_f64(), "agent started");
+    Ok(Running {
+        tasks: vec![reporter, watcher],
+        collector: Some(collector),
+        stop_collector: Some(stop_tx),
+    })
+}
+
+/// The collector thread: the first reading is a CPU baseline, the first
+/// report follows a second later, then one every interval.
+fn collector_loop(config: dicops_config::CollectConfig, out: watch::Sender<Option<Snapshot>>, stop: mpsc::Receiver<()>) {
+    let mut collector = collect::Collector::new(&config);
+    let mut wait = Duration::from_secs(1).max(sysinfo::MINIMUM_CPU_UPDATE_INTERVAL);
+    loop {
+        match stop.recv_timeout(wait) {
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
+        let started = std::time::Instant::now();
+        let health = collector.collect();
+        let snapshot = Snapshot {
+            collected_at: report::now_unix(),
+            health,
+        };
+        if out.send(Some(snapshot)).is_err() {
+            return;
+        }
+        // Keep the cadence: a slow collection shortens the next wait.
+        wait = config.interval.saturating_sub(started.elapsed());
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "dicops-agent", version, about = "dicops agent: reports this server's health to the controller")]
+struct Args {
+    /// Agent config file.
+    #[arg(long, short, default_value = "/etc/dicops/agent.yaml", env = "DICOPS_AGENT_CONFIG")]
+    config: PathBuf,
+    /// Validate the config and certificates, then exit (0 = valid, 2 = not).
+    #[arg(long)]
+    check: bool,
+    /// Log format.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"], env = "DICOPS_LOG_FORMAT")]
+    log_format: String,
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// The `dicops-agent` program.
+pub fn main_entry() -> ExitCode {
+    let args = Args::parse();
+    init_tracing(&args.log_format);
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let config = match AgentConfig::load(&args.config) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.check {
+        return match load_tls(&config) {
+            Ok(_) => {
+                println!("{}: ok", args.config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(e.exit_code())
+            }
+        };
+    }
+    // Two worker threads are plenty: the agent's async work is one
+    // connection; the heavy lifting runs on the collector thread.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let running = match start(config, shutdown.clone()) {
+            Ok(running) => running,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(e.exit_code());
+            }
+        };
+        use tokio::signal::unix::{signal, SignalKind};
+        let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(t), Ok(i)) => (t, i),
+            _ => {
+                tracing::error!("cannot listen for signals");
+                return ExitCode::FAILURE;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("shutting down");
+        shutdown.cancel();
+        running.wait().await;
+        ExitCode::SUCCESS
+    })
+}

@@ -1,1 +1,300 @@
+//! dicops-controller: the one scheduler and source of truth of a
+//! deployment. This issue's part: it receives agents' health reports over
+//! mutual TLS and exposes the state of both sites as Prometheus metrics and
+//! a JSON API.
 
+mod api;
+pub mod metrics;
+mod server;
+mod state;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::Parser;
+use dicops_config::ControllerConfig;
+use dicops_net::tls::ReloadOutcome;
+use dicops_net::{TlsFiles, TlsReloader};
+use dicops_proto::Identity;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use metrics::{Metrics, CATALOGUE};
+pub use state::State;
+
+/// What every request handler shares.
+pub struct Shared {
+    pub state: State,
+    pub metrics: Metrics,
+    pub tls: Arc<TlsReloader>,
+    pub ready: AtomicBool,
+}
+
+pub(crate) fn now_unix() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// The body of `/metrics`: the deployment's state, then the controller's
+/// own instruments and process metrics.
+pub fn render_metrics(shared: &Shared) -> Vec<u8> {
+    let mut text = String::with_capacity(256 * 1024);
+    let own = [
+        ("controller", shared.tls.not_after()),
+        ("ca", shared.tls.ca_not_after()),
+    ];
+    shared.state.render(now_unix(), &own, &mut text);
+    let mut out = text.into_bytes();
+    shared.metrics.encode_registry(&mut out);
+    out
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{file}: {source}")]
+    Tls {
+        file: PathBuf,
+        source: dicops_net::TlsError,
+    },
+    #[error("{file}: tls.cert: the certificate is for {actual}; the controller needs one issued with `dicops pki issue --controller`")]
+    NotController { file: PathBuf, actual: Identity },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot set up metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+impl StartError {
+    /// Exit status: 2 for configuration problems, 1 for the rest.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            StartError::Tls { .. } | StartError::NotController { .. } => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// Loads the controller's certificates and checks that they are a
+/// controller's.
+pub fn load_tls(config: &ControllerConfig) -> Result<Arc<TlsReloader>, StartError> {
+    let tls = TlsReloader::load(TlsFiles {
+        ca: config.tls.ca.clone(),
+        cert: config.tls.cert.clone(),
+        key: config.tls.key.clone(),
+    })
+    .map_err(|source| StartError::Tls {
+        file: config.source.clone(),
+        source,
+    })?;
+    match tls.identity() {
+        Identity::Controller => Ok(tls),
+        actual => Err(StartError::NotController {
+            file: config.source.clone(),
+            actual,
+        }),
+    }
+}
+
+/// A started controller.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub shared: Arc<Shared>,
+    tracker: TaskTracker,
+}
+
+impl Running {
+    /// Waits until every connection and background task has finished after
+    /// shutdown was requested, at most `deadline`.
+    pub async fn wait(self, deadline: Duration) {
+        self.tracker.close();
+        if tokio::time::timeout(deadline, self.tracker.wait()).await.is_err() {
+            tracing::warn!("some connections did not finish before the shutdown deadline");
+        }
+    }
+}
+
+/// Starts the controller: binds, then serves until `shutdown`.
+pub async fn start(config: ControllerConfig, shutdown: CancellationToken) -> Result<Running, StartError> {
+    let tls = load_tls(&config)?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let metrics = Metrics::new()?;
+    metrics.config_reload_ok.set(1);
+    metrics.config_reload_time.set(now_unix());
+    let reload_interval = config.tls.reload_interval;
+    let shared = Arc::new(Shared {
+        state: State::new(Arc::new(config)),
+        metrics,
+        tls: tls.clone(),
+        ready: AtomicBool::new(false),
+    });
+    let tracker = TaskTracker::new();
+    let watcher_shared = shared.clone();
+    let watcher = tls.spawn_watcher(reload_interval, shutdown.clone(), move |outcome| {
+        let result = match outcome {
+            ReloadOutcome::Reloaded => "success",
+            _ => "failure",
+        };
+        watcher_shared
+            .metrics
+            .tls_reloads
+            .with_label_values(&[result])
+            .inc();
+    });
+    tracker.spawn(async move {
+        let _ = watcher.await;
+    });
+    tracker.spawn(server::serve(
+        listener,
+        shared.clone(),
+        tls,
+        shutdown,
+        tracker.clone(),
+    ));
+    shared.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(%addr, "controller listening");
+    Ok(Running {
+        addr,
+        shared,
+        tracker,
+    })
+}
+
+/// Re-reads the config file; a bad file keeps the running config.
+pub fn reload(shared: &Shared) -> Result<(), dicops_config::ConfigError> {
+    let current = shared.state.config();
+    match ControllerConfig::load(&current.source) {
+        Ok(new) => {
+            if new.listen != current.listen || new.tls != current.tls {
+                tracing::warn!("listen address and TLS file paths take effect only after a restart");
+            }
+            let agents = new.agents.len();
+            shared.state.replace_config(Arc::new(new));
+            shared.metrics.config_reload_ok.set(1);
+            shared.metrics.config_reload_time.set(now_unix());
+            tracing::info!(agents, "configuration reloaded");
+            Ok(())
+        }
+        Err(e) => {
+            shared.metrics.config_reload_ok.set(0);
+            tracing::error!(error = %e, "configuration reload failed; keeping the running configuration");
+            Err(e)
+        }
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "dicops-controller", version, about = "dicops controller: the scheduler and source of truth of a two-site deployment")]
+struct Args {
+    /// Controller config file.
+    #[arg(long, short, default_value = "/etc/dicops/controller.yaml", env = "DICOPS_CONTROLLER_CONFIG")]
+    config: PathBuf,
+    /// Validate the config and certificates, then exit (0 = valid, 2 = not).
+    #[arg(long)]
+    check: bool,
+    /// Log format.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"], env = "DICOPS_LOG_FORMAT")]
+    log_format: String,
+}
+
+/// Logs go to stderr, structured; `RUST_LOG` filters (default `info`).
+pub fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// The `dicops-controller` program.
+pub fn main_entry() -> ExitCode {
+    let args = Args::parse();
+    init_tracing(&args.log_format);
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    // Config is checked before any port is bound: a bad file is a clean exit.
+    let config = match ControllerConfig::load(&args.config) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.check {
+        return match load_tls(&config) {
+            Ok(_) => {
+                println!("{}: ok", args.config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(e.exit_code())
+            }
+        };
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let running = match start(config, shutdown.clone()).await {
+            Ok(running) => running,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(e.exit_code());
+            }
+        };
+        if let Err(e) = wait_for_signals(&running.shared).await {
+            tracing::error!(error = %e, "cannot listen for signals");
+            return ExitCode::FAILURE;
+        }
+        tracing::info!("shutting down");
+        shutdown.cancel();
+        running.wait(Duration::from_secs(10)).await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// Returns on SIGTERM or SIGINT; SIGHUP reloads the config.
+async fn wait_for_signals(shared: &Shared) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading configuration");
+                let _ = reload(shared);
+            }
+        }
+    }
+}

@@ -1,1 +1,5 @@
-fn main() {}
+//! The `dicops-controller` daemon; everything lives in the library.
+
+fn main() -> std::process::ExitCode {
+    dicops_controller::main_entry()
+}

@@ -1,0 +1,274 @@
+//! The one catalogue of the controller's metric names.
+//!
+//! Two kinds of metrics come out of `/metrics`:
+//! - the controller's own counters and histograms, kept in a local
+//!   `prometheus::Registry` (never the global one, so tests build fresh
+//!   ones), plus the standard `process_*` metrics;
+//! - the state of the deployment (agents, hosts, sites), rendered straight
+//!   from the current state at scrape time. Rendering avoids keeping a gauge
+//!   per host series up to date, and a host that goes down simply stops
+//!   being rendered.
+//!
+//! Every name of both kinds is listed in [`CATALOGUE`], which the tests use
+//! to check dashboards and alert rules.
+
+use std::fmt::Write as _;
+
+use prometheus::{
+    exponential_buckets, Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Gauge,
+    Counter,
+    Histogram,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Gauge => "gauge",
+            Kind::Counter => "counter",
+            Kind::Histogram => "histogram",
+        }
+    }
+}
+
+/// One metric family: name, type and help text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Def {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub help: &'static str,
+}
+
+macro_rules! defs {
+    ($($ident:ident = $name:literal, $kind:ident, $help:literal;)*) => {
+        $(pub const $ident: Def = Def { name: $name, kind: Kind::$kind, help: $help };)*
+        /// Every `dicops_*` metric the controller can export.
+        pub const CATALOGUE: &[Def] = &[$($ident),*];
+    };
+}
+
+defs! {
+    BUILD_INFO = "dicops_build_info", Gauge, "Version of the running controller; always 1.";
+    HTTP_REQUESTS = "dicops_http_requests_total", Counter, "HTTP requests answered by the controller, by handler and status code.";
+    HTTP_DURATION = "dicops_http_request_duration_seconds", Histogram, "Time to answer an HTTP request, by handler.";
+    REPORTS_ACCEPTED = "dicops_reports_accepted_total", Counter, "Agent reports accepted.";
+    REQUESTS_REJECTED = "dicops_requests_rejected_total", Counter, "Requests refused, by handler and reason (no_certificate, wrong_role, identity_mismatch, unknown_agent, body_too_large, malformed, stale_report, not_found, method_not_allowed).";
+    TLS_HANDSHAKE_FAILURES = "dicops_tls_handshake_failures_total", Counter, "TLS handshakes that failed, by reason (unknown_ca, expired_certificate, bad_certificate, protocol, eof, timeout, ...).";
+    TLS_RELOADS = "dicops_tls_reloads_total", Counter, "Reloads of the controller's certificate files, by result.";
+    CONFIG_RELOAD_OK = "dicops_config_last_reload_successful", Gauge, "1 if the last configuration reload succeeded.";
+    CONFIG_RELOAD_TIME = "dicops_config_last_reload_success_timestamp_seconds", Gauge, "When the configuration was last loaded successfully.";
+    CONNECTIONS_OPEN = "dicops_connections_open", Gauge, "TLS connections currently open to the controller.";
+    CERT_EXPIRY = "dicops_tls_certificate_expiry_timestamp_seconds", Gauge, "notAfter of a certificate: the controller's own (cert=controller), the CA (cert=ca), and each agent's as last presented (cert=agent).";
+    SITE_REACHABLE = "dicops_site_reachable", Gauge, "1 while at least one agent of the site reports; 0 when every agent of the site is down.";
+    SITE_AGENTS = "dicops_site_agents", Gauge, "Agents declared in the site.";
+    SITE_AGENTS_UP = "dicops_site_agents_up", Gauge, "Agents of the site that report on time.";
+    AGENT_UP = "dicops_agent_up", Gauge, "1 if the agent reported within its allowed number of missed intervals.";
+    AGENT_LAST_REPORT = "dicops_agent_last_report_timestamp_seconds", Gauge, "When the controller last accepted a report from the agent.";
+    AGENT_INFO = "dicops_agent_info", Gauge, "Version, OS and kernel of the agent; always 1.";
+    AGENT_REPORT_INTERVAL = "dicops_agent_report_interval_seconds", Gauge, "The report interval the agent announced.";
+    AGENT_REPORT_FAILURES = "dicops_agent_report_failures_total", Counter, "Failed attempts of the agent to reach the controller since it started, by class (network, tls, rejected), as the agent last reported them.";
+    HOST_CPU = "dicops_host_cpu_usage_ratio", Gauge, "CPU busy time over the last collection interval, 0 to 1 (all cores).";
+    HOST_LOAD1 = "dicops_host_load1", Gauge, "1-minute load average.";
+    HOST_LOAD5 = "dicops_host_load5", Gauge, "5-minute load average.";
+    HOST_LOAD15 = "dicops_host_load15", Gauge, "15-minute load average.";
+    HOST_MEM_TOTAL = "dicops_host_memory_total_bytes", Gauge, "Physical memory.";
+    HOST_MEM_AVAIL = "dicops_host_memory_available_bytes", Gauge, "Memory available for new work without swapping.";
+    HOST_SWAP_TOTAL = "dicops_host_swap_total_bytes", Gauge, "Swap space.";
+    HOST_SWAP_FREE = "dicops_host_swap_free_bytes", Gauge, "Unused swap space.";
+    HOST_UPTIME = "dicops_host_uptime_seconds", Gauge, "Time since the host booted.";
+    HOST_BOOT_TIME = "dicops_host_boot_time_seconds", Gauge, "When the host booted, Unix seconds.";
+    HOST_FS_SIZE = "dicops_host_filesystem_size_bytes", Gauge, "Size of a mounted filesystem.";
+    HOST_FS_AVAIL = "dicops_host_filesystem_avail_bytes", Gauge, "Space available to unprivileged users on a mounted filesystem.";
+    HOST_FS_READONLY = "dicops_host_filesystem_readonly", Gauge, "1 if the filesystem is mounted read-only.";
+    HOST_PATH_SIZE = "dicops_host_path_size_bytes", Gauge, "Size of the filesystem holding a path named in the agent's config.";
+    HOST_PATH_AVAIL = "dicops_host_path_avail_bytes", Gauge, "Space available on the filesystem holding a configured path.";
+    HOST_PATH_STATE = "dicops_host_path_state", Gauge, "State of a configured path: 1 for its current state (ok, hung: statvfs timed out, error).";
+    HOST_DISK_READ = "dicops_host_disk_read_bytes_total", Counter, "Bytes read from a block device.";
+    HOST_DISK_WRITTEN = "dicops_host_disk_written_bytes_total", Counter, "Bytes written to a block device.";
+    HOST_DISK_READS = "dicops_host_disk_reads_completed_total", Counter, "Reads completed by a block device.";
+    HOST_DISK_WRITES = "dicops_host_disk_writes_completed_total", Counter, "Writes completed by a block device.";
+    HOST_DISK_IO_TIME = "dicops_host_disk_io_time_seconds_total", Counter, "Time a block device spent doing I/O.";
+    HOST_NET_RX = "dicops_host_network_receive_bytes_total", Counter, "Bytes received on a network interface.";
+    HOST_NET_TX = "dicops_host_network_transmit_bytes_total", Counter, "Bytes transmitted on a network interface.";
+    HOST_NET_RX_ERR = "dicops_host_network_receive_errors_total", Counter, "Receive errors on a network interface.";
+    HOST_NET_TX_ERR = "dicops_host_network_transmit_errors_total", Counter, "Transmit errors on a network interface.";
+    SERVICE_UP = "dicops_service_up", Gauge, "1 if the systemd unit named in the agent's config is active.";
+}
+
+/// The controller's own instruments.
+pub struct Metrics {
+    pub registry: Registry,
+    pub http_requests: IntCounterVec,
+    pub http_duration: HistogramVec,
+    pub reports_accepted: IntCounter,
+    pub requests_rejected: IntCounterVec,
+    pub tls_handshake_failures: IntCounterVec,
+    pub tls_reloads: IntCounterVec,
+    pub config_reload_ok: IntGauge,
+    pub config_reload_time: Gauge,
+    pub connections_open: IntGauge,
+}
+
+fn opts(def: Def) -> Opts {
+    Opts::new(def.name, def.help)
+}
+
+impl Metrics {
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let build = IntGaugeVec::new(opts(BUILD_INFO), &["version"])?;
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let metrics = Metrics {
+            http_requests: IntCounterVec::new(opts(HTTP_REQUESTS), &["handler", "code"])?,
+            http_duration: HistogramVec::new(
+                HistogramOpts::new(HTTP_DURATION.name, HTTP_DURATION.help)
+                    .buckets(exponential_buckets(0.0005, 4.0, 9)?),
+                &["handler"],
+            )?,
+            reports_accepted: IntCounter::with_opts(opts(REPORTS_ACCEPTED))?,
+            requests_rejected: IntCounterVec::new(opts(REQUESTS_REJECTED), &["handler", "reason"])?,
+            tls_handshake_failures: IntCounterVec::new(opts(TLS_HANDSHAKE_FAILURES), &["reason"])?,
+            tls_reloads: IntCounterVec::new(opts(TLS_RELOADS), &["result"])?,
+            config_reload_ok: IntGauge::with_opts(opts(CONFIG_RELOAD_OK))?,
+            config_reload_time: Gauge::with_opts(opts(CONFIG_RELOAD_TIME))?,
+            connections_open: IntGauge::with_opts(opts(CONNECTIONS_OPEN))?,
+            registry,
+        };
+        let r = &metrics.registry;
+        r.register(Box::new(build))?;
+        r.register(Box::new(metrics.http_requests.clone()))?;
+        r.register(Box::new(metrics.http_duration.clone()))?;
+        r.register(Box::new(metrics.reports_accepted.clone()))?;
+        r.register(Box::new(metrics.requests_rejected.clone()))?;
+        r.register(Box::new(metrics.tls_handshake_failures.clone()))?;
+        r.register(Box::new(metrics.tls_reloads.clone()))?;
+        r.register(Box::new(metrics.config_reload_ok.clone()))?;
+        r.register(Box::new(metrics.config_reload_time.clone()))?;
+        r.register(Box::new(metrics.connections_open.clone()))?;
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        // Pre-create the series operators alert on, so that a rate() over
+        // them works before the first failure.
+        for reason in ["unknown_ca", "expired_certificate", "bad_certificate"] {
+            metrics.tls_handshake_failures.with_label_values(&[reason]);
+        }
+        for result in ["success", "failure"] {
+            metrics.tls_reloads.with_label_values(&[result]);
+        }
+        Ok(metrics)
+    }
+
+    /// The registry's part of the exposition.
+    pub fn encode_registry(&self, out: &mut Vec<u8>) {
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), out) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+    }
+}
+
+/// Writes state-derived families in the Prometheus text format.
+pub struct Exposition<'a> {
+    out: &'a mut String,
+}
+
+/// Label pairs of one sample.
+pub type Labels<'a> = &'a [(&'a str, &'a str)];
+
+impl<'a> Exposition<'a> {
+    pub fn new(out: &'a mut String) -> Self {
+        Exposition { out }
+    }
+
+    /// Starts a family; call only once per family, before its samples.
+    pub fn family(&mut self, def: Def) {
+        let _ = writeln!(self.out, "# HELP {} {}", def.name, def.help);
+        let _ = writeln!(self.out, "# TYPE {} {}", def.name, def.kind.as_str());
+    }
+
+    pub fn sample(&mut self, def: Def, labels: Labels<'_>, value: f64) {
+        self.out.push_str(def.name);
+        if !labels.is_empty() {
+            self.out.push('{');
+            for (i, (name, value)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                self.out.push_str(name);
+                self.out.push_str("=\"");
+                escape_label_value(self.out, value);
+                self.out.push('"');
+            }
+            self.out.push('}');
+        }
+        self.out.push(' ');
+        write_value(self.out, value);
+        self.out.push('\n');
+    }
+}
+
+fn escape_label_value(out: &mut String, value: &str) {
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+fn write_value(out: &mut String, value: f64) {
+    if value.is_nan() {
+        out.push_str("NaN");
+    } else if value.is_infinite() {
+        out.push_str(if value > 0.0 { "+Inf" } else { "-Inf" });
+    } else if value.fract() == 0.0 && value.abs() < 1e15 {
+        let _ = write!(out, "{}", value as i64);
+    } else {
+        let _ = write!(out, "{value}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn catalogue_follows_prometheus_conventions() {
+        let mut seen = std::collections::HashSet::new();
+        for def in CATALOGUE {
+            assert!(def.name.starts_with("dicops_"), "{}", def.name);
+            assert!(seen.insert(def.name), "duplicate {}", def.name);
+            assert_eq!(def.kind == Kind::Counter, def.name.ends_with("_total"), "{}", def.name);
+            assert!(!def.help.is_empty());
+        }
+    }
+
+    #[test]
+    fn exposition_escapes_and_formats() {
+        let mut out = String::new();
+        let mut e = Exposition::new(&mut out);
+        e.family(HOST_FS_SIZE);
+        e.sample(HOST_FS_SIZE, &[("agent", "db01"), ("mountpoint", "/mnt/\"odd\"\\dir\n")], 1024.0);
+        e.sample(HOST_FS_SIZE, &[], 0.25);
+        assert_eq!(
+            out,
+            "# HELP dicops_host_filesystem_size_bytes Size of a mounted filesystem.\n\
+             # TYPE dicops_host_filesystem_size_bytes gauge\n\
+             dicops_host_filesystem_size_bytes{agent=\"db01\",mountpoint=\"/mnt/\\\"odd\\\"\\\\dir\\n\"} 1024\n\
+             dicops_host_filesystem_size_bytes 0.25\n"
+        );
+    }
+
+    #[test]
+    fn registry_builds_twice() {
+        // A local registry: two controllers in one process do not collide.
+        Metrics::new().expect("first");
+        Metrics::new().expect("second");
+    }
+}
