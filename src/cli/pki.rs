@@ -44,7 +44,7 @@ enum PkiCommand {
 }
 
 #[derive(Debug, Args)]
-#[group(id = "who", required = true, multiple = false)]
+#[command(group(clap::ArgGroup::new("who").required(true).args(["agent", "controller", "operator"])))]
 struct IssueArgs {
     /// Folder holding ca.pem and ca-key.pem.
     #[arg(long, default_value = "/etc/dicops/pki")]
@@ -53,13 +53,13 @@ struct IssueArgs {
     #[arg(long)]
     out_dir: Option<PathBuf>,
     /// An agent certificate (client and server: agents also serve replication data).
-    #[arg(long, group = "who")]
+    #[arg(long)]
     agent: Option<String>,
     /// The controller's certificate.
-    #[arg(long, group = "who")]
+    #[arg(long)]
     controller: bool,
     /// An operator's certificate for the CLI and for Prometheus scrapes.
-    #[arg(long, group = "who")]
+    #[arg(long)]
     operator: Option<String>,
     /// DNS name or IP address the holder is reached at (repeatable). Without
     /// any, server certificates get localhost, 127.0.0.1 and ::1.
