@@ -151,19 +151,27 @@ async fn report(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> Respons
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit) {
+    // A moderately oversized body is drained so the agent can read the
+    // refusal; a huge one is refused at once and the connection closed.
+    let drain_limit = limit.saturating_mul(4).saturating_add(1 << 20);
+    if let Some(declared) = declared.filter(|n| *n > limit) {
+        if declared <= drain_limit {
+            dicops_net::body::drain(req.into_body(), drain_limit).await;
+        }
         return refuse(
             shared,
             H,
             peer,
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
-            format!("report of {} bytes is larger than the limit of {limit} bytes", declared.unwrap_or(0)),
+            format!("report of {declared} bytes is larger than the limit of {limit} bytes"),
         );
     }
-    let body = match dicops_net::body::read_limited(req.into_body(), limit).await {
+    let mut body = req.into_body();
+    let body = match dicops_net::body::read_limited(&mut body, limit).await {
         Ok(body) => body,
         Err(dicops_net::body::BodyError::TooLarge { limit }) => {
+            dicops_net::body::drain(body, drain_limit).await;
             return refuse(
                 shared,
                 H,
@@ -171,7 +179,7 @@ async fn report(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> Respons
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "body_too_large",
                 format!("report is larger than the limit of {limit} bytes"),
-            )
+            );
         }
         Err(e) => return refuse(shared, H, peer, StatusCode::BAD_REQUEST, "malformed", e.to_string()),
     };

@@ -1,7 +1,7 @@
 //! Reading request and response bodies with a hard size limit.
 
 use http_body_util::{BodyExt, Limited};
-use hyper::body::{Body, Bytes};
+use hyper::body::{Body, Buf, Bytes};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
@@ -29,4 +29,31 @@ where
             }
         }
     }
+}
+
+/// Reads and discards up to `max` bytes of a body. A refusal sent before
+/// the client finished writing often reaches it only as "connection reset"
+/// instead of the clear answer; draining a moderately oversized body first
+/// lets the client read the refusal. Returns false if the body was larger
+/// than `max` (the connection should then be closed).
+pub async fn drain<B>(body: B, max: u64) -> bool
+where
+    B: Body + Unpin,
+{
+    let mut body = body;
+    let mut seen: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                if let Some(data) = frame.data_ref() {
+                    seen = seen.saturating_add(data.remaining() as u64);
+                    if seen > max {
+                        return false;
+                    }
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+    true
 }
