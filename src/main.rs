@@ -9,7 +9,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "dicops", version, about = "Operations for two data centres: health, backups, cross-site replication")]
+#[command(
+    name = "dicops",
+    version,
+    about = "Operations for two data centres: health, backups, cross-site replication"
+)]
 struct Args {
     #[command(subcommand)]
     command: Command,

@@ -16,7 +16,12 @@ fn workspace() -> &'static Path {
 fn example_configs_are_valid() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::new(dir.path());
-    for who in [&["--controller"][..], &["--agent", "db01"], &["--agent", "backup01"], &["--operator", "alice"]] {
+    for who in [
+        &["--controller"][..],
+        &["--agent", "db01"],
+        &["--agent", "backup01"],
+        &["--operator", "alice"],
+    ] {
         pki.issue(who);
     }
     let mut files = Vec::new();
@@ -31,14 +36,24 @@ fn example_configs_are_valid() {
             files.push(copy.to_string_lossy().into_owned());
         }
     }
-    assert!(files.len() >= 4, "expected controller, two agents and a CLI example");
+    assert!(
+        files.len() >= 4,
+        "expected controller, two agents and a CLI example"
+    );
     let mut args = vec!["check-config"];
     args.extend(files.iter().map(String::as_str));
     let out = dicops(&args);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("controller: 2 sites, 4 agents"), "{stdout}");
-    assert!(stdout.contains("agent db01 reporting to https://controller.dc2.example.org:9443"), "{stdout}");
+    assert!(
+        stdout.contains("agent db01 reporting to https://controller.dc2.example.org:9443"),
+        "{stdout}"
+    );
     assert!(stdout.contains("CLI as operator alice"), "{stdout}");
 }
 
@@ -56,7 +71,9 @@ fn broken_configs_fail_with_their_expected_message() {
         .collect();
     entries.sort();
     for path in entries {
-        let text = std::fs::read_to_string(&path).expect("read").replace("PKI", pki_dir);
+        let text = std::fs::read_to_string(&path)
+            .expect("read")
+            .replace("PKI", pki_dir);
         let expect = text
             .lines()
             .next()
@@ -70,9 +87,17 @@ fn broken_configs_fail_with_their_expected_message() {
         assert_eq!(out.status.code(), Some(2), "{}: {stderr}", path.display());
         // file:line:column: message, or file: field: message for checks
         // that are not tied to one position.
-        let separator = if expect.starts_with(|c: char| c.is_ascii_digit()) { ":" } else { ": " };
+        let separator = if expect.starts_with(|c: char| c.is_ascii_digit()) {
+            ":"
+        } else {
+            ": "
+        };
         let wanted = format!("{}{separator}{expect}", copy.display());
-        assert!(stderr.contains(&wanted), "{}:\n  wanted: {wanted}\n  got:    {stderr}", path.display());
+        assert!(
+            stderr.contains(&wanted),
+            "{}:\n  wanted: {wanted}\n  got:    {stderr}",
+            path.display()
+        );
         checked += 1;
     }
     assert!(checked >= 10);
@@ -90,6 +115,9 @@ fn daemons_refuse_a_bad_config_with_status_2_before_binding() {
             .expect("run");
         assert_eq!(out.status.code(), Some(2), "{binary}");
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.starts_with(&format!("{}:", config.display())), "{binary}: {stderr}");
+        assert!(
+            stderr.starts_with(&format!("{}:", config.display())),
+            "{binary}: {stderr}"
+        );
     }
 }

@@ -29,7 +29,11 @@ pub enum StartError {
         source: dicops_net::TlsError,
     },
     #[error("{file}: tls.cert: the certificate is for {actual}, but this agent's id is {id:?}; issue one with `dicops pki issue --agent {id}`")]
-    WrongIdentity { file: PathBuf, actual: Identity, id: String },
+    WrongIdentity {
+        file: PathBuf,
+        actual: Identity,
+        id: String,
+    },
     #[error("{file}: controller.url: {source}")]
     Url {
         file: PathBuf,
@@ -94,10 +98,11 @@ impl Running {
 /// Starts collecting and reporting until `shutdown`.
 pub fn start(config: AgentConfig, shutdown: CancellationToken) -> Result<Running, StartError> {
     let tls = load_tls(&config)?;
-    let client = HttpsClient::new(&config.controller_url, Identity::Controller, tls.clone()).map_err(|source| StartError::Url {
-        file: config.source.clone(),
-        source,
-    })?;
+    let client = HttpsClient::new(&config.controller_url, Identity::Controller, tls.clone())
+        .map_err(|source| StartError::Url {
+            file: config.source.clone(),
+            source,
+        })?;
 
     let (snapshot_tx, snapshot_rx) = watch::channel(None);
     let (stop_tx, stop_rx) = mpsc::channel::<()>();
@@ -117,7 +122,9 @@ pub fn start(config: AgentConfig, shutdown: CancellationToken) -> Result<Running
         client,
         tls,
         backoff: Backoff {
-            max: Duration::from_secs(60).min(config.collect.interval * 4).max(Duration::from_secs(5)),
+            max: Duration::from_secs(60)
+                .min(config.collect.interval * 4)
+                .max(Duration::from_secs(5)),
             ..Backoff::default()
         },
     };
@@ -132,7 +139,11 @@ pub fn start(config: AgentConfig, shutdown: CancellationToken) -> Result<Running
 
 /// The collector thread: the first reading is a CPU baseline, the first
 /// report follows a second later, then one every interval.
-fn collector_loop(config: dicops_config::CollectConfig, out: watch::Sender<Option<Snapshot>>, stop: mpsc::Receiver<()>) {
+fn collector_loop(
+    config: dicops_config::CollectConfig,
+    out: watch::Sender<Option<Snapshot>>,
+    stop: mpsc::Receiver<()>,
+) {
     let mut collector = collect::Collector::new(&config);
     let mut wait = Duration::from_secs(1).max(sysinfo::MINIMUM_CPU_UPDATE_INTERVAL);
     loop {
@@ -155,10 +166,19 @@ fn collector_loop(config: dicops_config::CollectConfig, out: watch::Sender<Optio
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "dicops-agent", version, about = "dicops agent: reports this server's health to the controller")]
+#[command(
+    name = "dicops-agent",
+    version,
+    about = "dicops agent: reports this server's health to the controller"
+)]
 struct Args {
     /// Agent config file.
-    #[arg(long, short, default_value = "/etc/dicops/agent.yaml", env = "DICOPS_AGENT_CONFIG")]
+    #[arg(
+        long,
+        short,
+        default_value = "/etc/dicops/agent.yaml",
+        env = "DICOPS_AGENT_CONFIG"
+    )]
     config: PathBuf,
     /// Validate the config and certificates, then exit (0 = valid, 2 = not).
     #[arg(long)]
@@ -228,7 +248,10 @@ pub fn main_entry() -> ExitCode {
             }
         };
         use tokio::signal::unix::{signal, SignalKind};
-        let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        let (mut term, mut int) = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
             (Ok(t), Ok(i)) => (t, i),
             _ => {
                 tracing::error!("cannot listen for signals");

@@ -62,7 +62,11 @@ impl Jitter {
 }
 
 impl Reporter {
-    pub async fn run(mut self, mut snapshots: watch::Receiver<Option<Snapshot>>, shutdown: CancellationToken) {
+    pub async fn run(
+        mut self,
+        mut snapshots: watch::Receiver<Option<Snapshot>>,
+        shutdown: CancellationToken,
+    ) {
         let mut seq = 0u64;
         let mut failures = ReportFailures::default();
         let mut attempt = 0u32;
@@ -75,7 +79,9 @@ impl Reporter {
             // Send the newest snapshot; keep retrying with it (or a newer
             // one) until the controller takes it.
             loop {
-                let Some(snapshot) = snapshots.borrow_and_update().clone() else { break };
+                let Some(snapshot) = snapshots.borrow_and_update().clone() else {
+                    break;
+                };
                 seq += 1;
                 let report = Report {
                     agent: self.agent_id.clone(),
@@ -127,8 +133,13 @@ impl Reporter {
     }
 
     async fn send(&mut self, report: &Report) -> Result<(), (FailureClass, String)> {
-        let body = serde_json::to_vec(report).map_err(|e| (FailureClass::Rejected, e.to_string()))?;
-        match self.client.request(Method::POST, dicops_proto::REPORT_PATH, Some(body)).await {
+        let body =
+            serde_json::to_vec(report).map_err(|e| (FailureClass::Rejected, e.to_string()))?;
+        match self
+            .client
+            .request(Method::POST, dicops_proto::REPORT_PATH, Some(body))
+            .await
+        {
             Ok((status, _)) if status.is_success() => Ok(()),
             Ok((status, body)) => {
                 let message = serde_json::from_slice::<ApiError>(&body)

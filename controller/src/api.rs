@@ -14,7 +14,11 @@ const JSON: &str = "application/json";
 /// The Prometheus text exposition format.
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
     response
@@ -26,13 +30,24 @@ fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes
 fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
     match serde_json::to_vec(value) {
         Ok(body) => respond(status, JSON, body),
-        Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.to_string()),
+        Err(e) => respond(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            e.to_string(),
+        ),
     }
 }
 
 /// A refusal: counted by handler and reason, logged, and explained to the
 /// caller in a JSON body.
-fn refuse(shared: &Shared, handler: &'static str, peer: &Peer, status: StatusCode, reason: &'static str, error: String) -> Response<Full<Bytes>> {
+fn refuse(
+    shared: &Shared,
+    handler: &'static str,
+    peer: &Peer,
+    status: StatusCode,
+    reason: &'static str,
+    error: String,
+) -> Response<Full<Bytes>> {
     shared
         .metrics
         .requests_rejected
@@ -54,7 +69,12 @@ fn refuse(shared: &Shared, handler: &'static str, peer: &Peer, status: StatusCod
 }
 
 /// The refusal for a caller whose certificate does not allow `what`.
-fn refuse_identity(shared: &Shared, handler: &'static str, peer: &Peer, what: &str) -> Response<Full<Bytes>> {
+fn refuse_identity(
+    shared: &Shared,
+    handler: &'static str,
+    peer: &Peer,
+    what: &str,
+) -> Response<Full<Bytes>> {
     match &peer.identity {
         None => refuse(
             shared,
@@ -75,11 +95,17 @@ fn refuse_identity(shared: &Shared, handler: &'static str, peer: &Peer, what: &s
     }
 }
 
-/// Requires a certificate with one of the allowed roles.
-fn authorize(shared: &Shared, handler: &'static str, peer: &Peer, allowed: fn(&Identity) -> bool, what: &str) -> Result<(), Response<Full<Bytes>>> {
+/// The refusal for a caller without a certificate of an allowed role, if any.
+fn authorize(
+    shared: &Shared,
+    handler: &'static str,
+    peer: &Peer,
+    allowed: fn(&Identity) -> bool,
+    what: &str,
+) -> Option<Response<Full<Bytes>>> {
     match &peer.identity {
-        Some(identity) if allowed(identity) => Ok(()),
-        _ => Err(refuse_identity(shared, handler, peer, what)),
+        Some(identity) if allowed(identity) => None,
+        _ => Some(refuse_identity(shared, handler, peer, what)),
     }
 }
 
@@ -88,7 +114,11 @@ fn operator_or_controller(identity: &Identity) -> bool {
 }
 
 /// Routes one request; returns the handler label and the response.
-pub async fn route(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> (&'static str, Response<Full<Bytes>>) {
+pub async fn route(
+    req: Request<Incoming>,
+    peer: &Peer,
+    shared: &Shared,
+) -> (&'static str, Response<Full<Bytes>>) {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     let handler: &'static str = match path.as_str() {
@@ -104,7 +134,14 @@ pub async fn route(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> (&'s
         _ => Method::GET,
     };
     if handler == "other" {
-        let response = refuse(shared, handler, peer, StatusCode::NOT_FOUND, "not_found", format!("no such endpoint: {path}"));
+        let response = refuse(
+            shared,
+            handler,
+            peer,
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no such endpoint: {path}"),
+        );
         return (handler, response);
     }
     if method != expected && !(method == Method::HEAD && expected == Method::GET) {
@@ -128,12 +165,22 @@ pub async fn route(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> (&'s
             }
         }
         "metrics" => match authorize(shared, handler, peer, operator_or_controller, "/metrics") {
-            Err(r) => r,
-            Ok(()) => respond(StatusCode::OK, PROMETHEUS_TEXT, crate::render_metrics(shared)),
+            Some(refusal) => refusal,
+            None => respond(
+                StatusCode::OK,
+                PROMETHEUS_TEXT,
+                crate::render_metrics(shared),
+            ),
         },
-        "status" => match authorize(shared, handler, peer, operator_or_controller, "the status API") {
-            Err(r) => r,
-            Ok(()) => json(StatusCode::OK, &shared.state.status(now_unix())),
+        "status" => match authorize(
+            shared,
+            handler,
+            peer,
+            operator_or_controller,
+            "the status API",
+        ) {
+            Some(refusal) => refusal,
+            None => json(StatusCode::OK, &shared.state.status(now_unix())),
         },
         _ => report(req, peer, shared).await,
     };
@@ -181,7 +228,16 @@ async fn report(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> Respons
                 format!("report is larger than the limit of {limit} bytes"),
             );
         }
-        Err(e) => return refuse(shared, H, peer, StatusCode::BAD_REQUEST, "malformed", e.to_string()),
+        Err(e) => {
+            return refuse(
+                shared,
+                H,
+                peer,
+                StatusCode::BAD_REQUEST,
+                "malformed",
+                e.to_string(),
+            )
+        }
     };
     let report: Report = match serde_json::from_slice(&body) {
         Ok(report) => report,
@@ -233,4 +289,3 @@ async fn report(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> Respons
         ),
     }
 }
-

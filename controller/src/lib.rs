@@ -117,14 +117,20 @@ impl Running {
     /// shutdown was requested, at most `deadline`.
     pub async fn wait(self, deadline: Duration) {
         self.tracker.close();
-        if tokio::time::timeout(deadline, self.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(deadline, self.tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("some connections did not finish before the shutdown deadline");
         }
     }
 }
 
 /// Starts the controller: binds, then serves until `shutdown`.
-pub async fn start(config: ControllerConfig, shutdown: CancellationToken) -> Result<Running, StartError> {
+pub async fn start(
+    config: ControllerConfig,
+    shutdown: CancellationToken,
+) -> Result<Running, StartError> {
     let tls = load_tls(&config)?;
     let listener = TcpListener::bind(config.listen)
         .await
@@ -169,7 +175,9 @@ pub async fn start(config: ControllerConfig, shutdown: CancellationToken) -> Res
         shutdown,
         tracker.clone(),
     ));
-    shared.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    shared
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(%addr, "controller listening");
     Ok(Running {
         addr,
@@ -184,7 +192,9 @@ pub fn reload(shared: &Shared) -> Result<(), dicops_config::ConfigError> {
     match ControllerConfig::load(&current.source) {
         Ok(new) => {
             if new.listen != current.listen || new.tls != current.tls {
-                tracing::warn!("listen address and TLS file paths take effect only after a restart");
+                tracing::warn!(
+                    "listen address and TLS file paths take effect only after a restart"
+                );
             }
             let agents = new.agents.len();
             shared.state.replace_config(Arc::new(new));
@@ -202,10 +212,19 @@ pub fn reload(shared: &Shared) -> Result<(), dicops_config::ConfigError> {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "dicops-controller", version, about = "dicops controller: the scheduler and source of truth of a two-site deployment")]
+#[command(
+    name = "dicops-controller",
+    version,
+    about = "dicops controller: the scheduler and source of truth of a two-site deployment"
+)]
 struct Args {
     /// Controller config file.
-    #[arg(long, short, default_value = "/etc/dicops/controller.yaml", env = "DICOPS_CONTROLLER_CONFIG")]
+    #[arg(
+        long,
+        short,
+        default_value = "/etc/dicops/controller.yaml",
+        env = "DICOPS_CONTROLLER_CONFIG"
+    )]
     config: PathBuf,
     /// Validate the config and certificates, then exit (0 = valid, 2 = not).
     #[arg(long)]
@@ -254,7 +273,10 @@ pub fn main_entry() -> ExitCode {
             }
         };
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");

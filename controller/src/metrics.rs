@@ -15,8 +15,8 @@
 use std::fmt::Write as _;
 
 use prometheus::{
-    exponential_buckets, Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    exponential_buckets, Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,7 +151,9 @@ impl Metrics {
         r.register(Box::new(metrics.config_reload_time.clone()))?;
         r.register(Box::new(metrics.connections_open.clone()))?;
         #[cfg(target_os = "linux")]
-        r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         // Pre-create the series operators alert on, so that a rate() over
         // them works before the first failure.
         for reason in ["unknown_ca", "expired_certificate", "bad_certificate"] {
@@ -244,7 +246,12 @@ mod tests {
         for def in CATALOGUE {
             assert!(def.name.starts_with("dicops_"), "{}", def.name);
             assert!(seen.insert(def.name), "duplicate {}", def.name);
-            assert_eq!(def.kind == Kind::Counter, def.name.ends_with("_total"), "{}", def.name);
+            assert_eq!(
+                def.kind == Kind::Counter,
+                def.name.ends_with("_total"),
+                "{}",
+                def.name
+            );
             assert!(!def.help.is_empty());
         }
     }
@@ -254,7 +261,11 @@ mod tests {
         let mut out = String::new();
         let mut e = Exposition::new(&mut out);
         e.family(HOST_FS_SIZE);
-        e.sample(HOST_FS_SIZE, &[("agent", "db01"), ("mountpoint", "/mnt/\"odd\"\\dir\n")], 1024.0);
+        e.sample(
+            HOST_FS_SIZE,
+            &[("agent", "db01"), ("mountpoint", "/mnt/\"odd\"\\dir\n")],
+            1024.0,
+        );
         e.sample(HOST_FS_SIZE, &[], 0.25);
         assert_eq!(
             out,

@@ -134,7 +134,8 @@ impl State {
                             last_report_at: record.map(|r| r.received_at),
                             info: record.map(|r| r.report.info.clone()),
                             health: record.filter(|_| up).map(|r| r.report.health.clone()),
-                            certificate_expiry_timestamp_seconds: record.and_then(|r| r.cert_not_after),
+                            certificate_expiry_timestamp_seconds: record
+                                .and_then(|r| r.cert_not_after),
                         }
                     })
                     .collect();
@@ -167,7 +168,12 @@ impl State {
             .iter()
             .map(|a| {
                 let record = inner.agents.get(&a.id);
-                (a.site.as_str(), a.id.as_str(), record, Self::is_up(config, record, now))
+                (
+                    a.site.as_str(),
+                    a.id.as_str(),
+                    record,
+                    Self::is_up(config, record, now),
+                )
             })
             .collect();
         let mut e = Exposition::new(out);
@@ -178,7 +184,11 @@ impl State {
         }
         for (site, agent, record, _) in &rows {
             if let Some(not_after) = record.and_then(|r| r.cert_not_after) {
-                e.sample(m::CERT_EXPIRY, &[("cert", "agent"), ("site", site), ("agent", agent)], not_after);
+                e.sample(
+                    m::CERT_EXPIRY,
+                    &[("cert", "agent"), ("site", site), ("agent", agent)],
+                    not_after,
+                );
             }
         }
 
@@ -195,7 +205,11 @@ impl State {
         e.family(m::SITE_REACHABLE);
         for (site, total, up) in &site_counts {
             let reachable = liveness::site_is_reachable(*up, *total);
-            e.sample(m::SITE_REACHABLE, &[("site", site)], f64::from(u8::from(reachable)));
+            e.sample(
+                m::SITE_REACHABLE,
+                &[("site", site)],
+                f64::from(u8::from(reachable)),
+            );
         }
         e.family(m::SITE_AGENTS);
         for (site, total, _) in &site_counts {
@@ -208,7 +222,11 @@ impl State {
 
         e.family(m::AGENT_UP);
         for (site, agent, _, up) in &rows {
-            e.sample(m::AGENT_UP, &[("site", site), ("agent", agent)], f64::from(u8::from(*up)));
+            e.sample(
+                m::AGENT_UP,
+                &[("site", site), ("agent", agent)],
+                f64::from(u8::from(*up)),
+            );
         }
         let reported: Vec<(&str, &str, &AgentRecord, bool)> = rows
             .iter()
@@ -216,7 +234,11 @@ impl State {
             .collect();
         e.family(m::AGENT_LAST_REPORT);
         for (site, agent, r, _) in &reported {
-            e.sample(m::AGENT_LAST_REPORT, &[("site", site), ("agent", agent)], r.received_at);
+            e.sample(
+                m::AGENT_LAST_REPORT,
+                &[("site", site), ("agent", agent)],
+                r.received_at,
+            );
         }
         e.family(m::AGENT_INFO);
         for (site, agent, r, _) in &reported {
@@ -236,12 +258,20 @@ impl State {
         }
         e.family(m::AGENT_REPORT_INTERVAL);
         for (site, agent, r, _) in &reported {
-            e.sample(m::AGENT_REPORT_INTERVAL, &[("site", site), ("agent", agent)], r.report.interval_seconds);
+            e.sample(
+                m::AGENT_REPORT_INTERVAL,
+                &[("site", site), ("agent", agent)],
+                r.report.interval_seconds,
+            );
         }
         e.family(m::AGENT_REPORT_FAILURES);
         for (site, agent, r, _) in &reported {
             let f = r.report.report_failures;
-            for (reason, value) in [("network", f.network), ("tls", f.tls), ("rejected", f.rejected)] {
+            for (reason, value) in [
+                ("network", f.network),
+                ("tls", f.tls),
+                ("rejected", f.rejected),
+            ] {
                 e.sample(
                     m::AGENT_REPORT_FAILURES,
                     &[("site", site), ("agent", agent), ("reason", reason)],
@@ -271,7 +301,11 @@ impl State {
         for (def, get) in scalars {
             e.family(def);
             for (site, agent, r) in &up {
-                e.sample(def, &[("site", site), ("agent", agent)], get(&r.report.health));
+                e.sample(
+                    def,
+                    &[("site", site), ("agent", agent)],
+                    get(&r.report.health),
+                );
             }
         }
 
@@ -302,14 +336,34 @@ impl State {
 
         e.family(m::HOST_PATH_SIZE);
         for (site, agent, r) in &up {
-            for p in r.report.health.paths.iter().filter(|p| p.state == dicops_proto::PathState::Ok) {
-                e.sample(m::HOST_PATH_SIZE, &[("site", site), ("agent", agent), ("path", &p.path)], p.size_bytes as f64);
+            for p in r
+                .report
+                .health
+                .paths
+                .iter()
+                .filter(|p| p.state == dicops_proto::PathState::Ok)
+            {
+                e.sample(
+                    m::HOST_PATH_SIZE,
+                    &[("site", site), ("agent", agent), ("path", &p.path)],
+                    p.size_bytes as f64,
+                );
             }
         }
         e.family(m::HOST_PATH_AVAIL);
         for (site, agent, r) in &up {
-            for p in r.report.health.paths.iter().filter(|p| p.state == dicops_proto::PathState::Ok) {
-                e.sample(m::HOST_PATH_AVAIL, &[("site", site), ("agent", agent), ("path", &p.path)], p.avail_bytes as f64);
+            for p in r
+                .report
+                .health
+                .paths
+                .iter()
+                .filter(|p| p.state == dicops_proto::PathState::Ok)
+            {
+                e.sample(
+                    m::HOST_PATH_AVAIL,
+                    &[("site", site), ("agent", agent), ("path", &p.path)],
+                    p.avail_bytes as f64,
+                );
             }
         }
         e.family(m::HOST_PATH_STATE);
@@ -322,7 +376,12 @@ impl State {
                 ] {
                     e.sample(
                         m::HOST_PATH_STATE,
-                        &[("site", site), ("agent", agent), ("path", &p.path), ("state", state)],
+                        &[
+                            ("site", site),
+                            ("agent", agent),
+                            ("path", &p.path),
+                            ("state", state),
+                        ],
                         f64::from(u8::from(is)),
                     );
                 }
@@ -341,7 +400,11 @@ impl State {
             e.family(def);
             for (site, agent, r) in &up {
                 for d in &r.report.health.disks {
-                    e.sample(def, &[("site", site), ("agent", agent), ("device", &d.device)], get(d));
+                    e.sample(
+                        def,
+                        &[("site", site), ("agent", agent), ("device", &d.device)],
+                        get(d),
+                    );
                 }
             }
         }
@@ -357,7 +420,11 @@ impl State {
             e.family(def);
             for (site, agent, r) in &up {
                 for n in &r.report.health.networks {
-                    e.sample(def, &[("site", site), ("agent", agent), ("device", &n.device)], get(n));
+                    e.sample(
+                        def,
+                        &[("site", site), ("agent", agent), ("device", &n.device)],
+                        get(n),
+                    );
                 }
             }
         }

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use clap::Args;
 use dicops_config::{detect_kind, AgentConfig, CliConfig, ConfigKind};
-use dicops_net::client::{check_peer_identity, parse_https_url, resolve, tcp_connect, tls_handshake};
+use dicops_net::client::{
+    check_peer_identity, parse_https_url, resolve, tcp_connect, tls_handshake,
+};
 use dicops_net::{TlsFiles, TlsReloader};
 use dicops_proto::Identity;
 use http_body_util::{BodyExt, Empty};
@@ -39,7 +41,10 @@ pub struct CheckLinkArgs {
 }
 
 fn step(name: &str, started: Instant, detail: &str) {
-    println!("ok    {name:<9} {detail} ({} ms)", started.elapsed().as_millis());
+    println!(
+        "ok    {name:<9} {detail} ({} ms)",
+        started.elapsed().as_millis()
+    );
 }
 
 fn fail(name: &str, detail: &str, hint: &str) -> ExitCode {
@@ -97,24 +102,49 @@ pub async fn run(args: CheckLinkArgs) -> anyhow::Result<ExitCode> {
     let t = Instant::now();
     let tls = match TlsReloader::load(files) {
         Ok(tls) => tls,
-        Err(e) => return Ok(fail("certs", &e.to_string(), "fix the local certificate files first")),
+        Err(e) => {
+            return Ok(fail(
+                "certs",
+                &e.to_string(),
+                "fix the local certificate files first",
+            ))
+        }
     };
-    step("certs", t, &format!("we are {}; our certificate expires at unix {}", tls.identity(), tls.not_after() as i64));
+    step(
+        "certs",
+        t,
+        &format!(
+            "we are {}; our certificate expires at unix {}",
+            tls.identity(),
+            tls.not_after() as i64
+        ),
+    );
 
     let (host, port) = parse_https_url(&url)?;
     let t = Instant::now();
     let addrs = match resolve(&host, port).await {
         Ok(a) => a,
-        Err(e) => return Ok(fail("dns", &e.to_string(), "check the host name and the resolver of this machine")),
+        Err(e) => {
+            return Ok(fail(
+                "dns",
+                &e.to_string(),
+                "check the host name and the resolver of this machine",
+            ))
+        }
     };
     let list: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
     step("dns", t, &format!("{host} -> {}", list.join(", ")));
 
     let t = Instant::now();
-    let tcp = match tcp_connect(&addrs, timeout).await {
-        Ok(s) => s,
-        Err(e) => return Ok(fail("tcp", &e.to_string(), "is the peer running, and does every firewall between the sites allow this port?")),
-    };
+    let tcp =
+        match tcp_connect(&addrs, timeout).await {
+            Ok(s) => s,
+            Err(e) => return Ok(fail(
+                "tcp",
+                &e.to_string(),
+                "is the peer running, and does every firewall between the sites allow this port?",
+            )),
+        };
     let peer = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     step("tcp", t, &format!("connected to {peer}"));
 
@@ -134,7 +164,13 @@ pub async fn run(args: CheckLinkArgs) -> anyhow::Result<ExitCode> {
     let t = Instant::now();
     let identity = match check_peer_identity(&stream, &expected) {
         Ok(i) => i,
-        Err(e) => return Ok(fail("identity", &e.to_string(), "the URL points at the wrong service")),
+        Err(e) => {
+            return Ok(fail(
+                "identity",
+                &e.to_string(),
+                "the URL points at the wrong service",
+            ))
+        }
     };
     step("identity", t, &format!("peer is {identity}"));
 
@@ -147,10 +183,28 @@ pub async fn run(args: CheckLinkArgs) -> anyhow::Result<ExitCode> {
         .body(Empty::<Bytes>::new())?;
     match tokio::time::timeout(timeout, sender.send_request(request)).await {
         Ok(Ok(response)) if response.status().is_success() => {
-            let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-            step("http", t, &format!("/healthz answered {:?}", String::from_utf8_lossy(&body).trim()));
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            step(
+                "http",
+                t,
+                &format!(
+                    "/healthz answered {:?}",
+                    String::from_utf8_lossy(&body).trim()
+                ),
+            );
         }
-        Ok(Ok(response)) => return Ok(fail("http", &format!("/healthz answered {}", response.status()), "")),
+        Ok(Ok(response)) => {
+            return Ok(fail(
+                "http",
+                &format!("/healthz answered {}", response.status()),
+                "",
+            ))
+        }
         Ok(Err(e)) => return Ok(fail("http", &e.to_string(), "")),
         Err(_) => return Ok(fail("http", "no answer in time", "")),
     }

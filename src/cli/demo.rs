@@ -76,7 +76,9 @@ impl Demo {
 
 #[allow(unsafe_code)]
 fn terminate(pid: u32) {
-    let Ok(pid) = libc::pid_t::try_from(pid) else { return };
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
     // SAFETY: kill(2) with a pid of a child we spawned and still own.
     unsafe {
         libc::kill(pid, libc::SIGTERM);
@@ -92,7 +94,11 @@ fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("cannot find the dicops binary")?;
     let path = exe.with_file_name(name);
     if !path.exists() {
-        bail!("{} not found next to {} (build all binaries: cargo build --release)", name, exe.display());
+        bail!(
+            "{} not found next to {} (build all binaries: cargo build --release)",
+            name,
+            exe.display()
+        );
     }
     Ok(path)
 }
@@ -101,18 +107,34 @@ fn write_configs(dir: &Path, port: u16, interval: u64) -> anyhow::Result<()> {
     let pki_dir = dir.join("pki");
     pki::init_ca(&pki_dir, "dicops demo CA", 30, true)?;
     pki::issue(&pki_dir, &pki_dir, &Identity::Controller, &[], 30, true)?;
-    pki::issue(&pki_dir, &pki_dir, &Identity::Operator("demo".into()), &[], 30, true)?;
+    pki::issue(
+        &pki_dir,
+        &pki_dir,
+        &Identity::Operator("demo".into()),
+        &[],
+        30,
+        true,
+    )?;
     let mut controller = format!(
         "# dicops demo controller: two sites on loopback.\nlisten: 127.0.0.1:{port}\ntls:\n  ca: pki/ca.pem\n  cert: pki/controller.pem\n  key: pki/controller-key.pem\nhealth:\n  report_interval: {interval}s\n  down_after_missed_reports: 3\nsites:\n"
     );
     for (site, description, _) in SITES {
-        controller.push_str(&format!("  - name: {site}\n    description: {description}\n"));
+        controller.push_str(&format!(
+            "  - name: {site}\n    description: {description}\n"
+        ));
     }
     controller.push_str("agents:\n");
     for (site, _, agents) in SITES {
         for agent in agents {
             controller.push_str(&format!("  - id: {agent}\n    site: {site}\n"));
-            pki::issue(&pki_dir, &pki_dir, &Identity::Agent(agent.to_string()), &[], 30, true)?;
+            pki::issue(
+                &pki_dir,
+                &pki_dir,
+                &Identity::Agent(agent.to_string()),
+                &[],
+                30,
+                true,
+            )?;
             let config = format!(
                 "id: {agent}\ncontroller:\n  url: https://127.0.0.1:{port}\ntls:\n  ca: pki/ca.pem\n  cert: pki/agent-{agent}.pem\n  key: pki/agent-{agent}-key.pem\ncollect:\n  interval: {interval}s\n  paths: [{}]\n",
                 dir.display()
@@ -157,10 +179,17 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let dir = dir.canonicalize()?;
-    let port = if args.port == 0 { free_port()? } else { args.port };
+    let port = if args.port == 0 {
+        free_port()?
+    } else {
+        args.port
+    };
     let controller_bin = sibling_binary("dicops-controller")?;
     let agent_bin = sibling_binary("dicops-agent")?;
-    println!("dicops demo: two sites on this machine, files in {}", dir.display());
+    println!(
+        "dicops demo: two sites on this machine, files in {}",
+        dir.display()
+    );
     write_configs(&dir, port, args.interval)?;
     println!("  created a CA and certificates for the controller, an operator and 4 agents");
 
@@ -175,14 +204,25 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     result
 }
 
-async fn drive(demo: &mut Demo, args: &DemoArgs, dir: &Path, port: u16, controller_bin: &Path, agent_bin: &Path) -> anyhow::Result<ExitCode> {
-    demo.children
-        .push(("controller".into(), spawn(dir, controller_bin, "controller.yaml", "controller.log")?));
+async fn drive(
+    demo: &mut Demo,
+    args: &DemoArgs,
+    dir: &Path,
+    port: u16,
+    controller_bin: &Path,
+    agent_bin: &Path,
+) -> anyhow::Result<ExitCode> {
+    demo.children.push((
+        "controller".into(),
+        spawn(dir, controller_bin, "controller.yaml", "controller.log")?,
+    ));
     for (_, _, agents) in SITES {
         for agent in agents {
             let config = format!("agent-{agent}.yaml");
-            demo.children
-                .push((format!("agent {agent}"), spawn(dir, agent_bin, &config, &format!("agent-{agent}.log"))?));
+            demo.children.push((
+                format!("agent {agent}"),
+                spawn(dir, agent_bin, &config, &format!("agent-{agent}.log"))?,
+            ));
         }
     }
     let cli = match CliConfig::load(&dir.join("cli.yaml")) {
@@ -204,7 +244,10 @@ async fn drive(demo: &mut Demo, args: &DemoArgs, dir: &Path, port: u16, controll
             }
         }
         if started.elapsed() > Duration::from_secs(30) {
-            bail!("agents did not all report within 30 s; see the logs in {}/logs", dir.display());
+            bail!(
+                "agents did not all report within 30 s; see the logs in {}/logs",
+                dir.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
@@ -218,7 +261,10 @@ async fn drive(demo: &mut Demo, args: &DemoArgs, dir: &Path, port: u16, controll
         p.join("operator-demo.pem").display(),
         p.join("operator-demo-key.pem").display()
     );
-    println!("status:   dicops status --config {}", dir.join("cli.yaml").display());
+    println!(
+        "status:   dicops status --config {}",
+        dir.join("cli.yaml").display()
+    );
     println!("logs:     {}\n", dir.join("logs").display());
     print!("{}", super::status::render(&status, &url, true));
     match args.duration {

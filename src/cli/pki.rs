@@ -11,8 +11,8 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use dicops_proto::{is_valid_id, Identity};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -75,7 +75,12 @@ struct IssueArgs {
 
 pub fn run(args: PkiArgs) -> anyhow::Result<ExitCode> {
     match args.command {
-        PkiCommand::Init { dir, name, days, force } => {
+        PkiCommand::Init {
+            dir,
+            name,
+            days,
+            force,
+        } => {
             let (cert, key) = (dir.join("ca.pem"), dir.join("ca-key.pem"));
             init_ca(&dir, &name, days, force)?;
             println!("created CA {name:?}\n  certificate: {}\n  private key: {} (keep it safe: it signs every identity)", cert.display(), key.display());
@@ -85,11 +90,17 @@ pub fn run(args: PkiArgs) -> anyhow::Result<ExitCode> {
                 (Some(id), _, _) => Identity::Agent(id.clone()),
                 (_, true, _) => Identity::Controller,
                 (_, _, Some(name)) => Identity::Operator(name.clone()),
-                _ => bail!("say who the certificate is for: --agent ID, --controller or --operator NAME"),
+                _ => bail!(
+                    "say who the certificate is for: --agent ID, --controller or --operator NAME"
+                ),
             };
             let out = a.out_dir.clone().unwrap_or_else(|| a.dir.clone());
             let (cert, key) = issue(&a.dir, &out, &identity, &a.san, a.days, a.force)?;
-            println!("issued certificate for {identity}\n  certificate: {}\n  private key: {}", cert.display(), key.display());
+            println!(
+                "issued certificate for {identity}\n  certificate: {}\n  private key: {}",
+                cert.display(),
+                key.display()
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -107,7 +118,10 @@ pub fn file_stem(identity: &Identity) -> String {
 
 fn write_file(path: &Path, contents: &str, mode: u32, force: bool) -> anyhow::Result<()> {
     if path.exists() && !force {
-        bail!("{} already exists; pass --force to replace it", path.display());
+        bail!(
+            "{} already exists; pass --force to replace it",
+            path.display()
+        );
     }
     // Write beside, then rename: a reader never sees half a PEM file, and a
     // daemon watching for renewal picks up the whole new file.
@@ -131,9 +145,15 @@ pub fn init_ca(dir: &Path, name: &str, days: i64, force: bool) -> anyhow::Result
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
     params.distinguished_name.push(DnType::CommonName, name);
-    params.distinguished_name.push(DnType::OrganizationName, "dicops");
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "dicops");
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let now = OffsetDateTime::now_utc();
     params.not_before = now - Duration::hours(1);
     params.not_after = now + Duration::days(days);
@@ -144,7 +164,14 @@ pub fn init_ca(dir: &Path, name: &str, days: i64, force: bool) -> anyhow::Result
     Ok(())
 }
 
-pub fn issue(ca_dir: &Path, out_dir: &Path, identity: &Identity, sans: &[String], days: i64, force: bool) -> anyhow::Result<(PathBuf, PathBuf)> {
+pub fn issue(
+    ca_dir: &Path,
+    out_dir: &Path,
+    identity: &Identity,
+    sans: &[String],
+    days: i64,
+    force: bool,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
     match identity {
         Identity::Agent(name) | Identity::Operator(name) if !is_valid_id(name) => {
             bail!("{name:?} is not a valid name: use 1-64 letters, digits, '.', '-' or '_'")
@@ -153,12 +180,18 @@ pub fn issue(ca_dir: &Path, out_dir: &Path, identity: &Identity, sans: &[String]
     }
     let ca_cert_path = ca_dir.join("ca.pem");
     let ca_key_path = ca_dir.join("ca-key.pem");
-    let ca_pem = std::fs::read_to_string(&ca_cert_path)
-        .with_context(|| format!("cannot read the CA certificate {} (run `dicops pki init` first)", ca_cert_path.display()))?;
+    let ca_pem = std::fs::read_to_string(&ca_cert_path).with_context(|| {
+        format!(
+            "cannot read the CA certificate {} (run `dicops pki init` first)",
+            ca_cert_path.display()
+        )
+    })?;
     let ca_key_pem = std::fs::read_to_string(&ca_key_path)
         .with_context(|| format!("cannot read the CA key {}", ca_key_path.display()))?;
-    let ca_key = KeyPair::from_pem(&ca_key_pem).with_context(|| format!("{} is not a private key", ca_key_path.display()))?;
-    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).with_context(|| format!("{} is not a CA certificate", ca_cert_path.display()))?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem)
+        .with_context(|| format!("{} is not a private key", ca_key_path.display()))?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)
+        .with_context(|| format!("{} is not a CA certificate", ca_cert_path.display()))?;
 
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::default();
@@ -168,17 +201,26 @@ pub fn issue(ca_dir: &Path, out_dir: &Path, identity: &Identity, sans: &[String]
         Identity::Controller => "dicops-controller".into(),
         Identity::Operator(name) => name.clone(),
     };
-    params.distinguished_name.push(DnType::CommonName, common_name);
-    params.distinguished_name.push(DnType::OrganizationName, "dicops");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "dicops");
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     let serves = !matches!(identity, Identity::Operator(_));
     params.extended_key_usages = if serves {
-        vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth]
+        vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ]
     } else {
         vec![ExtendedKeyUsagePurpose::ClientAuth]
     };
-    params.subject_alt_names.push(SanType::URI(identity.to_uri().try_into()?));
+    params
+        .subject_alt_names
+        .push(SanType::URI(identity.to_uri().try_into()?));
     let mut names: Vec<String> = sans.to_vec();
     if serves && names.is_empty() {
         names = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
@@ -187,7 +229,9 @@ pub fn issue(ca_dir: &Path, out_dir: &Path, identity: &Identity, sans: &[String]
         match name.parse::<std::net::IpAddr>() {
             Ok(ip) => params.subject_alt_names.push(SanType::IpAddress(ip)),
             Err(_) => params.subject_alt_names.push(SanType::DnsName(
-                name.clone().try_into().with_context(|| format!("{name:?} is not a DNS name or IP address"))?,
+                name.clone()
+                    .try_into()
+                    .with_context(|| format!("{name:?} is not a DNS name or IP address"))?,
             )),
         }
     }
@@ -196,7 +240,8 @@ pub fn issue(ca_dir: &Path, out_dir: &Path, identity: &Identity, sans: &[String]
     params.not_after = now + Duration::days(days);
     let cert = params.signed_by(&key, &issuer)?;
 
-    std::fs::create_dir_all(out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
+    std::fs::create_dir_all(out_dir)
+        .with_context(|| format!("cannot create {}", out_dir.display()))?;
     let stem = file_stem(identity);
     let cert_path = out_dir.join(format!("{stem}.pem"));
     let key_path = out_dir.join(format!("{stem}-key.pem"));

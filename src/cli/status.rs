@@ -15,7 +15,12 @@ use super::human_age;
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// CLI config: the controller's URL and an operator certificate.
-    #[arg(long, short, default_value = "/etc/dicops/cli.yaml", env = "DICOPS_CLI_CONFIG")]
+    #[arg(
+        long,
+        short,
+        default_value = "/etc/dicops/cli.yaml",
+        env = "DICOPS_CLI_CONFIG"
+    )]
     pub config: PathBuf,
     /// Print the raw JSON of the status API.
     #[arg(long)]
@@ -35,10 +40,16 @@ pub async fn fetch(config: &CliConfig) -> anyhow::Result<StatusResponse> {
     .with_context(|| format!("{}", config.source.display()))?;
     let mut client = HttpsClient::new(&config.controller_url, Identity::Controller, tls)?;
     client.request_timeout = std::time::Duration::from_secs(15);
-    let (status, body) = client.request(Method::GET, dicops_proto::STATUS_PATH, None).await?;
+    let (status, body) = client
+        .request(Method::GET, dicops_proto::STATUS_PATH, None)
+        .await?;
     if !status.is_success() {
         match serde_json::from_slice::<ApiError>(&body) {
-            Ok(e) => bail!("the controller refused: {status} ({}): {}", e.reason, e.error),
+            Ok(e) => bail!(
+                "the controller refused: {status} ({}): {}",
+                e.reason,
+                e.error
+            ),
             Err(_) => bail!("the controller answered {status}"),
         }
     }
@@ -83,21 +94,48 @@ fn agent_row(agent: &AgentStatus, now: f64) -> [String; 6] {
                 .filesystems
                 .iter()
                 .filter(|f| f.size_bytes > 0)
-                .map(|f| (1.0 - f.avail_bytes as f64 / f.size_bytes as f64, f.mountpoint.as_str()))
-                .chain(
-                    h.paths
-                        .iter()
-                        .filter(|p| p.size_bytes > 0)
-                        .map(|p| (1.0 - p.avail_bytes as f64 / p.size_bytes as f64, p.path.as_str())),
-                )
+                .map(|f| {
+                    (
+                        1.0 - f.avail_bytes as f64 / f.size_bytes as f64,
+                        f.mountpoint.as_str(),
+                    )
+                })
+                .chain(h.paths.iter().filter(|p| p.size_bytes > 0).map(|p| {
+                    (
+                        1.0 - p.avail_bytes as f64 / p.size_bytes as f64,
+                        p.path.as_str(),
+                    )
+                }))
                 .max_by(|a, b| a.0.total_cmp(&b.0))
                 .map(|(used, mount)| format!("{mount} {}", percent(used)))
                 .unwrap_or_else(|| "-".into());
-            let hung = h.paths.iter().filter(|p| p.state == dicops_proto::PathState::Hung).count();
-            let fullest = if hung > 0 { format!("{fullest} ({hung} HUNG)") } else { fullest };
-            [agent.id.clone(), state, age, percent(h.cpu_usage_ratio), memory, fullest]
+            let hung = h
+                .paths
+                .iter()
+                .filter(|p| p.state == dicops_proto::PathState::Hung)
+                .count();
+            let fullest = if hung > 0 {
+                format!("{fullest} ({hung} HUNG)")
+            } else {
+                fullest
+            };
+            [
+                agent.id.clone(),
+                state,
+                age,
+                percent(h.cpu_usage_ratio),
+                memory,
+                fullest,
+            ]
         }
-        None => [agent.id.clone(), state, age, "-".into(), "-".into(), "-".into()],
+        None => [
+            agent.id.clone(),
+            state,
+            age,
+            "-".into(),
+            "-".into(),
+            "-".into(),
+        ],
     }
 }
 
@@ -145,7 +183,11 @@ pub fn render(status: &StatusResponse, url: &str, side_by_side: bool) -> String 
             let height = pair.iter().map(Vec::len).max().unwrap_or(0);
             for i in 0..height {
                 let left = pair[0].get(i).map(String::as_str).unwrap_or("");
-                let right = pair.get(1).and_then(|b| b.get(i)).map(String::as_str).unwrap_or("");
+                let right = pair
+                    .get(1)
+                    .and_then(|b| b.get(i))
+                    .map(String::as_str)
+                    .unwrap_or("");
                 let line = format!("{left:<width$}{right}");
                 out.push_str(line.trim_end());
                 out.push('\n');

@@ -64,16 +64,30 @@ impl Pki {
     pub fn new(root: &Path) -> Pki {
         let dir = root.join("pki");
         let out = dicops(&["pki", "init", "--dir", dir.to_str().expect("utf8")]);
-        assert!(out.status.success(), "pki init: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "pki init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Pki { dir }
     }
 
     /// Issues a certificate; `who` is `--agent ID`, `--controller` or `--operator NAME`.
     pub fn issue(&self, who: &[&str]) {
-        let mut args = vec!["pki", "issue", "--dir", self.dir.to_str().expect("utf8"), "--force"];
+        let mut args = vec![
+            "pki",
+            "issue",
+            "--dir",
+            self.dir.to_str().expect("utf8"),
+            "--force",
+        ];
         args.extend_from_slice(who);
         let out = dicops(&args);
-        assert!(out.status.success(), "pki issue {who:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "pki issue {who:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     pub fn files(&self, stem: &str) -> TlsFiles {
@@ -180,7 +194,10 @@ impl Deployment {
             for agent in *agents {
                 pki.issue(&["--agent", agent]);
             }
-            owned.push((site.to_string(), agents.iter().map(|a| a.to_string()).collect()));
+            owned.push((
+                site.to_string(),
+                agents.iter().map(|a| a.to_string()).collect(),
+            ));
         }
         Deployment {
             root,
@@ -227,11 +244,12 @@ impl Deployment {
         }
         let process = Process::spawn("dicops-controller", &config, self.path("controller.log"));
         let mut client = self.operator();
-        wait_until(Duration::from_secs(20), "controller /readyz", || {
-            match self.runtime.block_on(client.request(Method::GET, "/readyz", None)) {
-                Ok((StatusCode::OK, _)) => Some(()),
-                _ => None,
-            }
+        wait_until(Duration::from_secs(20), "controller /readyz", || match self
+            .runtime
+            .block_on(client.request(Method::GET, "/readyz", None))
+        {
+            Ok((StatusCode::OK, _)) => Some(()),
+            _ => None,
         });
         process
     }
@@ -249,12 +267,21 @@ impl Deployment {
     pub fn start_agent(&self, id: &str) -> Process {
         let config = self.path(&format!("agent-{id}.yaml"));
         std::fs::write(&config, self.agent_yaml(id)).expect("write agent config");
-        Process::spawn("dicops-agent", &config, self.path(&format!("agent-{id}.log")))
+        Process::spawn(
+            "dicops-agent",
+            &config,
+            self.path(&format!("agent-{id}.log")),
+        )
     }
 
     pub fn client(&self, stem: &str) -> HttpsClient {
         let tls: Arc<TlsReloader> = TlsReloader::load(self.pki.files(stem)).expect("tls");
-        let mut client = HttpsClient::new(&format!("https://127.0.0.1:{}", self.port), Identity::Controller, tls).expect("client");
+        let mut client = HttpsClient::new(
+            &format!("https://127.0.0.1:{}", self.port),
+            Identity::Controller,
+            tls,
+        )
+        .expect("client");
         client.connect_timeout = Duration::from_secs(2);
         client.request_timeout = Duration::from_secs(5);
         client
@@ -297,7 +324,11 @@ impl Deployment {
         let path = self.path("cli.yaml");
         std::fs::write(
             &path,
-            format!("controller: https://127.0.0.1:{}\n{}", self.port, self.pki.tls_yaml("operator-ops")),
+            format!(
+                "controller: https://127.0.0.1:{}\n{}",
+                self.port,
+                self.pki.tls_yaml("operator-ops")
+            ),
         )
         .expect("write cli config");
         path

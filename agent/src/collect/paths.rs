@@ -22,7 +22,8 @@ struct Slot {
     in_flight: Arc<AtomicBool>,
 }
 
-type Probe = fn(&std::path::Path) -> Result<(u64, u64), String>;
+type Probe = fn(&std::path::Path) -> ProbeResult;
+type ProbeResult = Result<(u64, u64), String>;
 
 pub struct PathProber {
     slots: Vec<Slot>,
@@ -31,8 +32,9 @@ pub struct PathProber {
 }
 
 /// (size, available) in bytes.
-fn statvfs(path: &std::path::Path) -> Result<(u64, u64), String> {
-    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(|_| "path contains a NUL byte".to_string())?;
+fn statvfs(path: &std::path::Path) -> ProbeResult {
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| "path contains a NUL byte".to_string())?;
     let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: c_path is a valid NUL-terminated string and stat is a valid,
     // writable statvfs struct that outlives the call.
@@ -69,7 +71,7 @@ impl PathProber {
     /// Probes every path in parallel; returns within about `timeout`.
     pub fn probe(&self) -> Vec<PathUsage> {
         let deadline = Instant::now() + self.timeout;
-        let pending: Vec<(&Slot, Option<mpsc::Receiver<Result<(u64, u64), String>>>)> = self
+        let pending: Vec<(&Slot, Option<mpsc::Receiver<ProbeResult>>)> = self
             .slots
             .iter()
             .map(|slot| {
@@ -126,7 +128,10 @@ impl PathProber {
                         avail_bytes: 0,
                         error: Some(e),
                     },
-                    Err(_) => hung(&format!("statvfs did not return within {} ms", self.timeout.as_millis())),
+                    Err(_) => hung(&format!(
+                        "statvfs did not return within {} ms",
+                        self.timeout.as_millis()
+                    )),
                 }
             })
             .collect()
@@ -149,7 +154,11 @@ mod tests {
         assert!(usage[0].size_bytes > 0);
         assert!(usage[0].avail_bytes <= usage[0].size_bytes);
         assert_eq!(usage[1].state, PathState::Error);
-        assert!(usage[1].error.as_deref().unwrap_or("").contains("No such file"));
+        assert!(usage[1]
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("No such file"));
     }
 
     #[test]
@@ -162,21 +171,36 @@ mod tests {
             }
             Ok((100, 40))
         }
-        let prober = PathProber::with_probe(vec![PathBuf::from("/nfs/backup")], Duration::from_millis(200), hangs);
+        let prober = PathProber::with_probe(
+            vec![PathBuf::from("/nfs/backup")],
+            Duration::from_millis(200),
+            hangs,
+        );
         let started = Instant::now();
         let usage = prober.probe();
         assert!(started.elapsed() < Duration::from_millis(1000));
         assert_eq!(usage[0].state, PathState::Hung);
-        assert!(usage[0].error.as_deref().unwrap_or("").contains("did not return within 200 ms"));
+        assert!(usage[0]
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("did not return within 200 ms"));
         // Still stuck: reported hung again, no second thread piles up.
         let again = prober.probe();
         assert_eq!(again[0].state, PathState::Hung);
-        assert!(again[0].error.as_deref().unwrap_or("").contains("has not returned yet"));
+        assert!(again[0]
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("has not returned yet"));
         // Once the kernel answers, the path is measured again.
         std::thread::sleep(Duration::from_millis(1500));
         let recovered = prober.probe();
         assert_eq!(recovered[0].state, PathState::Ok);
-        assert_eq!((recovered[0].size_bytes, recovered[0].avail_bytes), (100, 40));
+        assert_eq!(
+            (recovered[0].size_bytes, recovered[0].avail_bytes),
+            (100, 40)
+        );
         assert_eq!(CALLS.load(Ordering::SeqCst), 2);
     }
 

@@ -80,7 +80,10 @@ fn validate(path: &Path, text: &str, raw: RawAgent) -> Result<AgentConfig, Confi
         Duration::from_secs(15),
     );
     if interval < Duration::from_secs(1) {
-        check.problem("collect.interval", "must be at least 1s (CPU usage needs time between two readings)");
+        check.problem(
+            "collect.interval",
+            "must be at least 1s (CPU usage needs time between two readings)",
+        );
     }
     let path_timeout = check.duration(
         "collect.path_timeout",
@@ -100,7 +103,10 @@ fn validate(path: &Path, text: &str, raw: RawAgent) -> Result<AgentConfig, Confi
             );
         }
         if !seen.insert(service) {
-            check.problem(&format!("collect.services[{i}]"), format!("service {service:?} is listed twice"));
+            check.problem(
+                &format!("collect.services[{i}]"),
+                format!("service {service:?} is listed twice"),
+            );
         }
     }
     let mut paths = Vec::new();

@@ -108,7 +108,10 @@ fn validate(path: &Path, text: &str, raw: RawController) -> Result<ControllerCon
         Err(_) => {
             check.problem(
                 "listen",
-                format!("{:?} is not an address and port such as 0.0.0.0:9443", raw.listen),
+                format!(
+                    "{:?} is not an address and port such as 0.0.0.0:9443",
+                    raw.listen
+                ),
             );
             SocketAddr::from(([127, 0, 0, 1], 0))
         }
@@ -139,7 +142,10 @@ fn validate(path: &Path, text: &str, raw: RawController) -> Result<ControllerCon
         if let Some(first) = site_index.insert(&site.name, i) {
             check.problem(
                 &field,
-                format!("duplicate site {:?} (first declared at sites[{first}])", site.name),
+                format!(
+                    "duplicate site {:?} (first declared at sites[{first}])",
+                    site.name
+                ),
             );
         }
     }
@@ -150,7 +156,10 @@ fn validate(path: &Path, text: &str, raw: RawController) -> Result<ControllerCon
         if let Some(first) = agent_index.insert(&agent.id, i) {
             check.problem(
                 &field,
-                format!("duplicate agent id {:?} (first declared at agents[{first}])", agent.id),
+                format!(
+                    "duplicate agent id {:?} (first declared at agents[{first}])",
+                    agent.id
+                ),
             );
         }
         if !site_index.contains_key(agent.site.as_str()) {

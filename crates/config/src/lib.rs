@@ -63,7 +63,11 @@ pub fn detect_kind(path: &Path) -> Result<ConfigKind, ConfigError> {
         Ok(ConfigKind::Controller)
     } else if has("id") || has("collect") {
         Ok(ConfigKind::Agent)
-    } else if value.get("controller").map(|v| v.is_string()).unwrap_or(false) {
+    } else if value
+        .get("controller")
+        .map(|v| v.is_string())
+        .unwrap_or(false)
+    {
         Ok(ConfigKind::Cli)
     } else {
         Err(ConfigError::single(

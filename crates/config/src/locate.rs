@@ -26,7 +26,9 @@ fn parse_path(path: &str) -> Vec<Segment> {
             }
             rest = &rest[open..];
             while let Some(stripped) = rest.strip_prefix('[') {
-                let Some(close) = stripped.find(']') else { break };
+                let Some(close) = stripped.find(']') else {
+                    break;
+                };
                 if let Ok(i) = stripped[..close].parse() {
                     segments.push(Segment::Index(i));
                 }
@@ -81,7 +83,9 @@ impl<'de> Visitor<'de> for Follow<'_> {
         };
         while let Some(key) = map.next_key::<serde_yaml::Value>()? {
             if key.as_str() == Some(wanted.as_str()) {
-                return map.next_value_seed(Follow { path: &self.path[1..] });
+                return map.next_value_seed(Follow {
+                    path: &self.path[1..],
+                });
             }
             map.next_value::<IgnoredAny>()?;
         }
@@ -97,7 +101,9 @@ impl<'de> Visitor<'de> for Follow<'_> {
                 return Err(de::Error::custom(MISSING));
             }
         }
-        seq.next_element_seed(Follow { path: &self.path[1..] })?;
+        seq.next_element_seed(Follow {
+            path: &self.path[1..],
+        })?;
         Err(de::Error::custom(MISSING))
     }
 }

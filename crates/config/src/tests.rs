@@ -35,8 +35,9 @@ fn message(err: ConfigError) -> String {
 
 #[test]
 fn minimal_controller_has_defaults() {
-    let config = controller("sites:\n  - name: dc1\n  - name: dc2\nagents:\n  - {id: db01, site: dc1}\n")
-        .expect("valid");
+    let config =
+        controller("sites:\n  - name: dc1\n  - name: dc2\nagents:\n  - {id: db01, site: dc1}\n")
+            .expect("valid");
     assert_eq!(config.report_interval, Duration::from_secs(15));
     assert_eq!(config.down_after_missed_reports, 3);
     assert_eq!(config.max_request_bytes, 1 << 20);
@@ -78,7 +79,9 @@ fn semantic_errors_are_all_reported_with_path_and_position() {
     assert_eq!(err.problems.len(), 2, "{err}");
     let text = message(err);
     assert!(
-        text.contains("FILE:11:9: agents[1].id: duplicate agent id \"db01\" (first declared at agents[0])"),
+        text.contains(
+            "FILE:11:9: agents[1].id: duplicate agent id \"db01\" (first declared at agents[0])"
+        ),
         "{text}"
     );
     assert!(
@@ -95,7 +98,10 @@ fn missing_certificate_file_is_named() {
     let text = message(err);
     let missing = dir.path().join("nope.pem");
     assert!(
-        text.contains(&format!("FILE:4:9: tls.cert: file {} does not exist", missing.display())),
+        text.contains(&format!(
+            "FILE:4:9: tls.cert: file {} does not exist",
+            missing.display()
+        )),
         "{text}"
     );
 }
@@ -105,9 +111,18 @@ fn bad_values_are_explained() {
     let err = controller("health:\n  report_interval: 15\nlimits:\n  max_request_bytes: 0\nsites: [{name: \"dc 1\"}]\n")
         .unwrap_err();
     let text = message(err);
-    assert!(text.contains("health.report_interval: duration \"15\" needs a unit"), "{text}");
-    assert!(text.contains("limits.max_request_bytes: must be greater than zero"), "{text}");
-    assert!(text.contains("sites[0].name: site name \"dc 1\" is not valid"), "{text}");
+    assert!(
+        text.contains("health.report_interval: duration \"15\" needs a unit"),
+        "{text}"
+    );
+    assert!(
+        text.contains("limits.max_request_bytes: must be greater than zero"),
+        "{text}"
+    );
+    assert!(
+        text.contains("sites[0].name: site name \"dc 1\" is not valid"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -117,7 +132,10 @@ fn agent_config() {
     ))
     .expect("valid");
     assert_eq!(config.collect.interval, Duration::from_secs(5));
-    assert_eq!(config.collect.paths, vec![Path::new("/srv/backup").to_path_buf()]);
+    assert_eq!(
+        config.collect.paths,
+        vec![Path::new("/srv/backup").to_path_buf()]
+    );
     assert_eq!(config.collect.path_timeout, Duration::from_secs(5));
 
     let err = agent(&format!(
@@ -125,9 +143,18 @@ fn agent_config() {
     ))
     .unwrap_err();
     let text = message(err);
-    assert!(text.contains("FILE:3:8: controller.url: \"http://ctl.example\" must start with https://"), "{text}");
-    assert!(text.contains("collect.paths[0]: \"relative/dir\" must be an absolute path"), "{text}");
-    assert!(text.contains("collect.services[0]: \"rm -rf\" is not a systemd unit name"), "{text}");
+    assert!(
+        text.contains("FILE:3:8: controller.url: \"http://ctl.example\" must start with https://"),
+        "{text}"
+    );
+    assert!(
+        text.contains("collect.paths[0]: \"relative/dir\" must be an absolute path"),
+        "{text}"
+    );
+    assert!(
+        text.contains("collect.services[0]: \"rm -rf\" is not a systemd unit name"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -13,15 +13,21 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     while !rest.is_empty() {
         let digits = rest
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(|| format!("duration {text:?} needs a unit (ms, s, m, h, d), e.g. \"15s\""))?;
+            .ok_or_else(|| {
+                format!("duration {text:?} needs a unit (ms, s, m, h, d), e.g. \"15s\"")
+            })?;
         if digits == 0 {
-            return Err(format!("duration {text:?} is not a number followed by a unit"));
+            return Err(format!(
+                "duration {text:?} is not a number followed by a unit"
+            ));
         }
         let value: f64 = rest[..digits]
             .parse()
             .map_err(|_| format!("duration {text:?} has a bad number"))?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let seconds_per_unit = match &rest[..unit_len] {
             "ms" => 0.001,
             "s" => 1.0,
@@ -29,7 +35,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "h" => 3600.0,
             "d" => 86400.0,
             "w" => 7.0 * 86400.0,
-            other => return Err(format!("duration {text:?} has unknown unit {other:?} (use ms, s, m, h, d, w)")),
+            other => {
+                return Err(format!(
+                    "duration {text:?} has unknown unit {other:?} (use ms, s, m, h, d, w)"
+                ))
+            }
         };
         total += value * seconds_per_unit;
         rest = &rest[unit_len..];
@@ -40,11 +50,17 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// Parses a byte size: `1048576`, `512KiB`, `1MiB`, `10GB`.
 pub fn parse_bytes(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     if split == 0 {
-        return Err(format!("size {text:?} must start with a number, e.g. \"1MiB\""));
+        return Err(format!(
+            "size {text:?} must start with a number, e.g. \"1MiB\""
+        ));
     }
-    let value: u64 = text[..split].parse().map_err(|_| format!("size {text:?} is too large"))?;
+    let value: u64 = text[..split]
+        .parse()
+        .map_err(|_| format!("size {text:?} is too large"))?;
     let multiplier: u64 = match text[split..].trim() {
         "" | "B" => 1,
         "KB" | "kB" => 1000,
@@ -53,7 +69,11 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
         "KiB" => 1 << 10,
         "MiB" => 1 << 20,
         "GiB" => 1 << 30,
-        other => return Err(format!("size {text:?} has unknown unit {other:?} (use B, KiB, MiB, GiB, KB, MB, GB)")),
+        other => {
+            return Err(format!(
+                "size {text:?} has unknown unit {other:?} (use B, KiB, MiB, GiB, KB, MB, GB)"
+            ))
+        }
     };
     value
         .checked_mul(multiplier)
@@ -83,7 +103,9 @@ mod tests {
         assert_eq!(parse_bytes("1MiB"), Ok(1 << 20));
         assert_eq!(parse_bytes("2 GB"), Ok(2_000_000_000));
         assert!(parse_bytes("MiB").is_err());
-        assert!(parse_bytes("3 parsecs").unwrap_err().contains("unknown unit"));
+        assert!(parse_bytes("3 parsecs")
+            .unwrap_err()
+            .contains("unknown unit"));
         assert!(parse_bytes("99999999999999999999GiB").is_err());
     }
 }
