@@ -454,3 +454,45 @@ fn demo_starts_two_sites_and_stops_cleanly() {
         "{dir} left behind"
     );
 }
+
+#[test]
+fn demo_stops_cleanly_on_ctrl_c() {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(harness::bin("dicops"))
+        .args(["demo", "--interval", "1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run demo");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let mut seen = String::new();
+    for line in lines.by_ref() {
+        let line = line.expect("line");
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("press Ctrl-C to stop") {
+            break;
+        }
+    }
+    assert!(seen.contains("2/2 agents up"), "{seen}");
+    // What a terminal sends on Ctrl-C.
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let exit = child.wait().expect("wait");
+    assert!(exit.success(), "{exit:?}");
+    let rest = rest.join("\n");
+    for name in [
+        "controller stopped",
+        "agent db01 stopped",
+        "agent app01 stopped",
+        "agent backup01 stopped",
+        "agent app02 stopped",
+    ] {
+        assert!(rest.contains(name), "{name} in {rest}");
+    }
+}

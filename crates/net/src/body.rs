@@ -59,3 +59,77 @@ where
     }
     true
 }
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use hyper::body::Frame;
+
+    use super::*;
+
+    /// A body that arrives in chunks with no declared length, as with
+    /// `Transfer-Encoding: chunked`.
+    struct Chunks {
+        left: usize,
+        size: usize,
+    }
+
+    impl Body for Chunks {
+        type Data = Bytes;
+        type Error = std::io::Error;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            if self.left == 0 {
+                return Poll::Ready(None);
+            }
+            self.left -= 1;
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![b'x'; self.size])))))
+        }
+    }
+
+    #[tokio::test]
+    async fn chunked_bodies_are_cut_at_the_limit() {
+        let ok = read_limited(
+            Chunks {
+                left: 4,
+                size: 1000,
+            },
+            4000,
+        )
+        .await
+        .expect("fits");
+        assert_eq!(ok.len(), 4000);
+        let err = read_limited(
+            Chunks {
+                left: 5,
+                size: 1000,
+            },
+            4000,
+        )
+        .await;
+        assert!(
+            matches!(err, Err(BodyError::TooLarge { limit: 4000 })),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn drain_stops_past_its_maximum() {
+        assert!(drain(Chunks { left: 3, size: 100 }, 300).await);
+        assert!(
+            !drain(
+                Chunks {
+                    left: 1000,
+                    size: 100
+                },
+                300
+            )
+            .await
+        );
+    }
+}
