@@ -6,4 +6,5 @@
 pub mod backoff;
 pub mod filesystems;
 pub mod liveness;
+pub mod schedule;
 pub mod units;
