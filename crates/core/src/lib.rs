@@ -5,6 +5,7 @@
 
 pub mod backoff;
 pub mod filesystems;
+pub mod jobs;
 pub mod liveness;
 pub mod schedule;
 pub mod units;
