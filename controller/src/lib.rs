@@ -7,6 +7,7 @@ mod api;
 pub mod metrics;
 mod server;
 mod state;
+pub mod store;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -1,4 +1,4 @@
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -16,6 +16,21 @@ pub struct AgentConfig {
     pub controller_url: String,
     pub tls: TlsFiles,
     pub collect: CollectConfig,
+    /// Where results wait until the controller has acknowledged them.
+    pub state_dir: PathBuf,
+    /// The only commands this agent runs, by name. The controller refers
+    /// to them by name and can never make the agent run anything else.
+    pub commands: BTreeMap<String, CommandConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandConfig {
+    /// Program and arguments; no shell unless argv says so.
+    pub argv: Vec<String>,
+    pub working_dir: Option<PathBuf>,
+    pub env: BTreeMap<String, String>,
+    /// The whole process group is killed after this long.
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -50,6 +65,22 @@ struct RawAgent {
     tls: RawTls,
     #[serde(default)]
     collect: RawCollect,
+    #[serde(default)]
+    state_dir: Option<String>,
+    #[serde(default)]
+    commands: BTreeMap<String, RawCommand>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCommand {
+    argv: Vec<String>,
+    #[serde(default)]
+    working_dir: Option<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -119,7 +150,45 @@ fn validate(path: &Path, text: &str, raw: RawAgent) -> Result<AgentConfig, Confi
         }
         paths.push(PathBuf::from(p));
     }
+    let state_dir = check.resolve(raw.state_dir.as_deref().unwrap_or("/var/lib/dicops/agent"));
+    let mut commands = BTreeMap::new();
+    for (name, command) in raw.commands {
+        let field = format!("commands.{name}");
+        check.id(&field, &name, "command name");
+        if command.argv.is_empty() || command.argv[0].is_empty() {
+            check.problem(&format!("{field}.argv"), "must name a program");
+        } else if !Path::new(&command.argv[0]).is_absolute() {
+            check.problem(
+                &format!("{field}.argv"),
+                format!("{:?} must be an absolute path (no PATH lookup for commands run on the controller's behalf)", command.argv[0]),
+            );
+        }
+        if let Some(dir) = &command.working_dir {
+            if !Path::new(dir).is_absolute() {
+                check.problem(
+                    &format!("{field}.working_dir"),
+                    format!("{dir:?} must be an absolute path"),
+                );
+            }
+        }
+        let timeout = check.duration(
+            &format!("{field}.timeout"),
+            command.timeout.as_deref(),
+            Duration::from_secs(6 * 3600),
+        );
+        commands.insert(
+            name,
+            CommandConfig {
+                argv: command.argv,
+                working_dir: command.working_dir.map(PathBuf::from),
+                env: command.env,
+                timeout,
+            },
+        );
+    }
     let config = AgentConfig {
+        state_dir,
+        commands,
         source: path.to_path_buf(),
         id: raw.id,
         controller_url: raw.controller.url,

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::jobs::{validate_jobs, JobConfig, RawJob};
 use crate::{decode, read, Checker, ConfigError, RawTls, TlsFiles};
 
 /// The validated controller config.
@@ -22,6 +23,18 @@ pub struct ControllerConfig {
     pub max_request_bytes: u64,
     pub sites: Vec<Site>,
     pub agents: Vec<AgentEntry>,
+    /// The deployment's timezone: every schedule is evaluated in it.
+    pub timezone: chrono_tz::Tz,
+    /// The controller's SQLite database.
+    pub database: PathBuf,
+    /// Run history older than this is pruned.
+    pub history_keep: Duration,
+    /// Runs at once between one pair of sites (source site, destination site).
+    pub concurrent_runs_per_site_pair: usize,
+    pub jobs: Vec<JobConfig>,
+    /// Fingerprint of the file's bytes, to show drift from the deployed
+    /// file (`dicops_config_info{hash}`).
+    pub hash: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +61,10 @@ impl ControllerConfig {
         validate(path, text, raw)
     }
 
+    pub fn job(&self, name: &str) -> Option<&JobConfig> {
+        self.jobs.iter().find(|j| j.name == name)
+    }
+
     pub fn site_of(&self, agent: &str) -> Option<&str> {
         self.agents
             .iter()
@@ -65,9 +82,22 @@ struct RawController {
     health: RawHealth,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    timezone: Option<String>,
+    #[serde(default)]
+    state: RawState,
     sites: Vec<RawSite>,
     #[serde(default)]
     agents: Vec<RawAgentEntry>,
+    #[serde(default)]
+    jobs: Vec<RawJob>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    database: Option<String>,
+    history_keep: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -81,6 +111,7 @@ struct RawHealth {
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     max_request_bytes: Option<String>,
+    concurrent_runs_per_site_pair: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -176,7 +207,37 @@ fn validate(path: &Path, text: &str, raw: RawController) -> Result<ControllerCon
         }
     }
 
+    let timezone = match raw.timezone.as_deref() {
+        None => chrono_tz::UTC,
+        Some(name) => dicops_core::schedule::parse_timezone(name).unwrap_or_else(|e| {
+            check.problem("timezone", e);
+            chrono_tz::UTC
+        }),
+    };
+    let database = check.resolve(
+        raw.state
+            .database
+            .as_deref()
+            .unwrap_or("/var/lib/dicops/controller.db"),
+    );
+    let history_keep = check.duration(
+        "state.history_keep",
+        raw.state.history_keep.as_deref(),
+        Duration::from_secs(90 * 86400),
+    );
+    let concurrent_runs_per_site_pair = raw.limits.concurrent_runs_per_site_pair.unwrap_or(4);
+    if concurrent_runs_per_site_pair == 0 {
+        check.problem("limits.concurrent_runs_per_site_pair", "must be at least 1");
+    }
+    let jobs = validate_jobs(&mut check, raw.jobs, &agent_index);
+
     let config = ControllerConfig {
+        timezone,
+        database,
+        history_keep,
+        concurrent_runs_per_site_pair,
+        jobs,
+        hash: fingerprint(text),
         source: path.to_path_buf(),
         listen,
         tls,
@@ -202,4 +263,14 @@ fn validate(path: &Path, text: &str, raw: RawController) -> Result<ControllerCon
             .collect(),
     };
     check.finish(config)
+}
+
+/// FNV-1a of the file, in hex: enough to tell two deployed files apart.
+fn fingerprint(text: &str) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in text.as_bytes() {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{hash:016x}")
 }

@@ -11,12 +11,14 @@ mod agent;
 mod cli;
 mod controller;
 mod error;
+mod jobs;
 mod locate;
 
-pub use agent::{AgentConfig, CollectConfig};
+pub use agent::{AgentConfig, CollectConfig, CommandConfig};
 pub use cli::CliConfig;
 pub use controller::{AgentEntry, ControllerConfig, Site};
 pub use error::{ConfigError, Problem};
+pub use jobs::{JobConfig, JobKind};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -1,0 +1,50 @@
+//! Numbered schema migrations. `PRAGMA user_version` holds the number of
+//! migrations applied; each runs once, in one transaction with its bump.
+//! Never edit a released migration: add the next one.
+
+pub const MIGRATIONS: &[&str] = &[
+    // 1: inventory, jobs, runs, audit log.
+    "
+    CREATE TABLE inventory (
+        agent TEXT PRIMARY KEY,
+        site TEXT NOT NULL,
+        last_report_at REAL,
+        info TEXT
+    );
+    CREATE TABLE jobs (
+        name TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        first_seen REAL NOT NULL,
+        last_fire REAL,
+        paused INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE runs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        agents TEXT NOT NULL,
+        trigger TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('queued', 'running', 'succeeded', 'failed', 'timed_out')),
+        created_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        error TEXT,
+        exit_code INTEGER,
+        output_tail TEXT,
+        bytes INTEGER,
+        files INTEGER
+    );
+    CREATE INDEX runs_by_job ON runs (job, id DESC);
+    CREATE INDEX runs_open ON runs (status) WHERE status IN ('queued', 'running');
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at REAL NOT NULL,
+        who TEXT NOT NULL,
+        certificate TEXT,
+        action TEXT NOT NULL,
+        target TEXT,
+        detail TEXT
+    );
+    ",
+];

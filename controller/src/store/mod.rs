@@ -1,0 +1,565 @@
+//! The controller's durable state in SQLite (WAL). This module is the only
+//! code that speaks SQL.
+//!
+//! Every write that acknowledges something to an agent or an operator is
+//! committed with `synchronous = FULL` first: once the controller has said
+//! "recorded", a crash or power cut does not take it back.
+
+mod migrations;
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path}: {message}")]
+    Open { path: String, message: String },
+    #[error("database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("database {path} has schema version {found}, newer than this controller knows ({known}); refusing to touch it")]
+    TooNew {
+        path: String,
+        found: usize,
+        known: usize,
+    },
+}
+
+/// How a run ended, or where it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    TimedOut,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Queued => "queued",
+            RunStatus::Running => "running",
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::Failed => "failed",
+            RunStatus::TimedOut => "timed_out",
+        }
+    }
+
+    fn parse(text: &str) -> RunStatus {
+        match text {
+            "queued" => RunStatus::Queued,
+            "running" => RunStatus::Running,
+            "succeeded" => RunStatus::Succeeded,
+            "timed_out" => RunStatus::TimedOut,
+            _ => RunStatus::Failed,
+        }
+    }
+}
+
+/// One row of the run history.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunRecord {
+    pub id: i64,
+    pub job: String,
+    pub kind: String,
+    pub agents: String,
+    pub trigger: String,
+    pub attempt: u32,
+    pub status: RunStatus,
+    pub created_at: f64,
+    pub started_at: Option<f64>,
+    pub finished_at: Option<f64>,
+    pub error: Option<String>,
+    pub exit_code: Option<i32>,
+    pub output_tail: Option<String>,
+    pub bytes: Option<u64>,
+    pub files: Option<u64>,
+}
+
+/// What the scheduler remembers of a job across restarts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRow {
+    pub first_seen: f64,
+    pub last_fire: Option<f64>,
+    pub paused: bool,
+}
+
+/// The end of a run, as recorded.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunEnd {
+    pub error: Option<String>,
+    pub exit_code: Option<i32>,
+    pub output_tail: Option<String>,
+    pub bytes: Option<u64>,
+    pub files: Option<u64>,
+    pub started_at: Option<f64>,
+}
+
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+const RUN_COLUMNS: &str =
+    "id, job, kind, agents, trigger, attempt, status, created_at, started_at, finished_at, error, exit_code, output_tail, bytes, files";
+
+fn run_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
+    Ok(RunRecord {
+        id: row.get(0)?,
+        job: row.get(1)?,
+        kind: row.get(2)?,
+        agents: row.get(3)?,
+        trigger: row.get(4)?,
+        attempt: row.get(5)?,
+        status: RunStatus::parse(&row.get::<_, String>(6)?),
+        created_at: row.get(7)?,
+        started_at: row.get(8)?,
+        finished_at: row.get(9)?,
+        error: row.get(10)?,
+        exit_code: row.get(11)?,
+        output_tail: row.get(12)?,
+        bytes: row.get::<_, Option<i64>>(13)?.map(|b| b.max(0) as u64),
+        files: row.get::<_, Option<i64>>(14)?.map(|f| f.max(0) as u64),
+    })
+}
+
+impl Store {
+    /// Opens (creating it and its folder on first start) and migrates.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let shown = path.display().to_string();
+        let open_err = |message: String| StoreError::Open {
+            path: shown.clone(),
+            message,
+        };
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| open_err(format!("cannot create {}: {e}", parent.display())))?;
+        }
+        let conn = Connection::open(path).map_err(|e| open_err(e.to_string()))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let store = Store {
+            conn: Mutex::new(conn),
+        };
+        store.migrate(&shown)?;
+        Ok(store)
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn migrate(&self, shown: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let version: usize = conn
+            .pragma_query_value(None, "user_version", |row| row.get::<_, i64>(0))?
+            .max(0) as usize;
+        let known = migrations::MIGRATIONS.len();
+        if version > known {
+            return Err(StoreError::TooNew {
+                path: shown.to_string(),
+                found: version,
+                known,
+            });
+        }
+        for (i, sql) in migrations::MIGRATIONS.iter().enumerate().skip(version) {
+            let tx = conn.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+            tracing::info!(version = i + 1, "database schema migrated");
+        }
+        Ok(())
+    }
+
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .conn()
+            .pragma_query_value(None, "user_version", |row| row.get(0))?)
+    }
+
+    /// The remembered state of a job, created (with `now` as its baseline
+    /// for catch-up) on first sight.
+    pub fn job(&self, name: &str, kind: &str, now: f64) -> Result<JobRow, StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO jobs (name, kind, first_seen, last_fire) VALUES (?1, ?2, ?3, ?3) ON CONFLICT (name) DO NOTHING",
+            params![name, kind, now],
+        )?;
+        Ok(conn.query_row(
+            "SELECT first_seen, last_fire, paused FROM jobs WHERE name = ?1",
+            [name],
+            |row| {
+                Ok(JobRow {
+                    first_seen: row.get(0)?,
+                    last_fire: row.get(1)?,
+                    paused: row.get::<_, i64>(2)? != 0,
+                })
+            },
+        )?)
+    }
+
+    pub fn set_last_fire(&self, name: &str, fire: f64) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE jobs SET last_fire = ?2 WHERE name = ?1",
+            params![name, fire],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_paused(&self, name: &str, paused: bool) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE jobs SET paused = ?2 WHERE name = ?1",
+            params![name, paused as i64],
+        )?;
+        Ok(())
+    }
+
+    pub fn create_run(
+        &self,
+        job: &str,
+        kind: &str,
+        agents: &str,
+        trigger: &str,
+        attempt: u32,
+        now: f64,
+    ) -> Result<i64, StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO runs (job, kind, agents, trigger, attempt, status, created_at) VALUES (?1, ?2, ?3, ?4, ?5, 'queued', ?6)",
+            params![job, kind, agents, trigger, attempt, now],
+        )?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    /// The run was handed to its agent.
+    pub fn mark_running(&self, id: i64, now: f64) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE runs SET status = 'running', started_at = ?2 WHERE id = ?1 AND status = 'queued'",
+            params![id, now],
+        )?;
+        Ok(())
+    }
+
+    /// Records the end of a run exactly once: returns false (and changes
+    /// nothing) if the run had already ended.
+    pub fn finish_run(
+        &self,
+        id: i64,
+        status: RunStatus,
+        end: &RunEnd,
+        now: f64,
+    ) -> Result<bool, StoreError> {
+        let changed = self.conn().execute(
+            "UPDATE runs SET status = ?2, finished_at = ?3, error = ?4, exit_code = ?5, output_tail = ?6, bytes = ?7, files = ?8,
+                 started_at = COALESCE(started_at, ?9)
+             WHERE id = ?1 AND status IN ('queued', 'running')",
+            params![
+                id,
+                status.as_str(),
+                now,
+                end.error,
+                end.exit_code,
+                end.output_tail,
+                end.bytes.map(|b| b as i64),
+                end.files.map(|f| f as i64),
+                end.started_at,
+            ],
+        )?;
+        Ok(changed == 1)
+    }
+
+    /// At start: runs left open by a previous controller process cannot be
+    /// followed any more; they are failed with `reason`.
+    pub fn fail_open_runs(&self, reason: &str, now: f64) -> Result<Vec<RunRecord>, StoreError> {
+        let conn = self.conn();
+        let mut open = Vec::new();
+        {
+            let mut stmt = conn.prepare(&format!(
+                "SELECT {RUN_COLUMNS} FROM runs WHERE status IN ('queued', 'running') ORDER BY id"
+            ))?;
+            let rows = stmt.query_map([], run_from_row)?;
+            for row in rows {
+                open.push(row?);
+            }
+        }
+        conn.execute(
+            "UPDATE runs SET status = 'failed', finished_at = ?1, error = ?2 WHERE status IN ('queued', 'running')",
+            params![now, reason],
+        )?;
+        Ok(open)
+    }
+
+    pub fn run(&self, id: i64) -> Result<Option<RunRecord>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"),
+                [id],
+                run_from_row,
+            )
+            .optional()?)
+    }
+
+    /// The newest runs of a job, newest first.
+    pub fn runs_of(&self, job: &str, limit: u32) -> Result<Vec<RunRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE job = ?1 ORDER BY id DESC LIMIT ?2"
+        ))?;
+        let rows = stmt.query_map(params![job, limit], run_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Per job: (last run start, last success start, ever succeeded).
+    pub fn job_summaries(&self) -> Result<Vec<(String, Option<f64>, Option<f64>)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT job, MAX(COALESCE(started_at, created_at)),
+                    MAX(CASE WHEN status = 'succeeded' THEN COALESCE(started_at, created_at) END)
+             FROM runs GROUP BY job",
+        )?;
+        let rows = stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn audit(
+        &self,
+        who: &str,
+        certificate: Option<&str>,
+        action: &str,
+        target: &str,
+        detail: &str,
+        now: f64,
+    ) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO audit (at, who, certificate, action, target, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![now, who, certificate, action, target, detail],
+        )?;
+        Ok(())
+    }
+
+    /// (at, who, action, target, detail), newest first.
+    pub fn audit_log(
+        &self,
+        limit: u32,
+    ) -> Result<Vec<(f64, String, String, String, String)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT at, who, action, COALESCE(target, ''), COALESCE(detail, '') FROM audit ORDER BY id DESC LIMIT ?1",
+        )?;
+        let rows = stmt.query_map([limit], |row| {
+            Ok((
+                row.get(0)?,
+                row.get(1)?,
+                row.get(2)?,
+                row.get(3)?,
+                row.get(4)?,
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Saves the inventory as last seen: (agent, site, last report, info JSON).
+    pub fn save_inventory(
+        &self,
+        rows: &[(String, String, Option<f64>, Option<String>)],
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute("DELETE FROM inventory", [])?;
+        {
+            let mut stmt = tx.prepare(
+                "INSERT INTO inventory (agent, site, last_report_at, info) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for (agent, site, at, info) in rows {
+                stmt.execute(params![agent, site, at, info])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Agent -> last report time, as saved before a restart.
+    pub fn inventory(&self) -> Result<Vec<(String, String, Option<f64>)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT agent, site, last_report_at FROM inventory ORDER BY agent")?;
+        let rows = stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Deletes finished runs and audit entries older than `before`.
+    pub fn prune(&self, before: f64) -> Result<usize, StoreError> {
+        let conn = self.conn();
+        let runs = conn.execute(
+            "DELETE FROM runs WHERE finished_at IS NOT NULL AND finished_at < ?1",
+            [before],
+        )?;
+        let audit = conn.execute("DELETE FROM audit WHERE at < ?1", [before])?;
+        Ok(runs + audit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("state/controller.db")).expect("open");
+        (dir, store)
+    }
+
+    #[test]
+    fn creates_and_migrates_once() {
+        let (dir, store) = store();
+        assert_eq!(
+            store.schema_version().expect("version"),
+            migrations::MIGRATIONS.len() as i64
+        );
+        drop(store);
+        // Reopening applies nothing twice.
+        let again = Store::open(&dir.path().join("state/controller.db")).expect("reopen");
+        assert_eq!(
+            again.schema_version().expect("version"),
+            migrations::MIGRATIONS.len() as i64
+        );
+    }
+
+    #[test]
+    fn refuses_a_database_from_the_future() {
+        let (dir, store) = store();
+        store
+            .conn()
+            .pragma_update(None, "user_version", 99)
+            .expect("bump");
+        drop(store);
+        let err = Store::open(&dir.path().join("state/controller.db"))
+            .err()
+            .expect("refused");
+        assert!(
+            err.to_string().contains("schema version 99, newer"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_run_ends_exactly_once() {
+        let (_dir, store) = store();
+        let id = store
+            .create_run("dump", "command", "db01", "schedule", 0, 100.0)
+            .expect("create");
+        store.mark_running(id, 101.0).expect("running");
+        let end = RunEnd {
+            exit_code: Some(0),
+            bytes: Some(42),
+            ..RunEnd::default()
+        };
+        assert!(store
+            .finish_run(id, RunStatus::Succeeded, &end, 110.0)
+            .expect("finish"));
+        // The same result again (an agent resending after a lost ack).
+        assert!(!store
+            .finish_run(id, RunStatus::Failed, &RunEnd::default(), 111.0)
+            .expect("again"));
+        let run = store.run(id).expect("read").expect("exists");
+        assert_eq!(run.status, RunStatus::Succeeded);
+        assert_eq!(
+            (run.started_at, run.finished_at, run.bytes),
+            (Some(101.0), Some(110.0), Some(42))
+        );
+        assert_eq!(store.runs_of("dump", 10).expect("history").len(), 1);
+    }
+
+    #[test]
+    fn open_runs_of_a_dead_controller_are_failed_with_a_reason() {
+        let (_dir, store) = store();
+        let a = store
+            .create_run("a", "command", "db01", "schedule", 0, 1.0)
+            .expect("a");
+        let b = store
+            .create_run("b", "command", "db01", "manual", 0, 2.0)
+            .expect("b");
+        store.mark_running(b, 3.0).expect("running");
+        let done = store
+            .create_run("c", "command", "db01", "manual", 0, 2.0)
+            .expect("c");
+        store
+            .finish_run(done, RunStatus::Succeeded, &RunEnd::default(), 4.0)
+            .expect("finish");
+        let failed = store
+            .fail_open_runs("controller restarted", 10.0)
+            .expect("fail");
+        assert_eq!(failed.iter().map(|r| r.id).collect::<Vec<_>>(), [a, b]);
+        let run = store.run(b).expect("read").expect("exists");
+        assert_eq!(
+            (run.status, run.error.as_deref()),
+            (RunStatus::Failed, Some("controller restarted"))
+        );
+        assert_eq!(
+            store.run(done).expect("read").expect("exists").status,
+            RunStatus::Succeeded
+        );
+    }
+
+    #[test]
+    fn jobs_remember_fires_and_pauses() {
+        let (_dir, store) = store();
+        let row = store.job("dump", "command", 50.0).expect("job");
+        assert_eq!(
+            row,
+            JobRow {
+                first_seen: 50.0,
+                last_fire: Some(50.0),
+                paused: false
+            }
+        );
+        store.set_last_fire("dump", 60.0).expect("fire");
+        store.set_paused("dump", true).expect("pause");
+        let row = store.job("dump", "command", 99.0).expect("job");
+        assert_eq!(
+            row,
+            JobRow {
+                first_seen: 50.0,
+                last_fire: Some(60.0),
+                paused: true
+            }
+        );
+    }
+
+    #[test]
+    fn prunes_old_history_only() {
+        let (_dir, store) = store();
+        let old = store
+            .create_run("a", "command", "db01", "schedule", 0, 1.0)
+            .expect("old");
+        store
+            .finish_run(old, RunStatus::Succeeded, &RunEnd::default(), 2.0)
+            .expect("finish");
+        let open = store
+            .create_run("a", "command", "db01", "schedule", 0, 1.0)
+            .expect("open");
+        let new = store
+            .create_run("a", "command", "db01", "schedule", 0, 100.0)
+            .expect("new");
+        store
+            .finish_run(new, RunStatus::Failed, &RunEnd::default(), 101.0)
+            .expect("finish");
+        store
+            .audit("operator alice", None, "pause", "a", "", 1.0)
+            .expect("audit");
+        assert_eq!(store.prune(50.0).expect("prune"), 2);
+        assert!(store.run(old).expect("read").is_none());
+        assert!(
+            store.run(open).expect("read").is_some(),
+            "open runs are never pruned"
+        );
+        assert!(store.run(new).expect("read").is_some());
+    }
+}
