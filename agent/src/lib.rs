@@ -4,6 +4,8 @@
 
 pub mod collect;
 mod report;
+mod spool;
+mod tasks;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,12 +43,18 @@ pub enum StartError {
     },
     #[error("cannot start the collector thread: {0}")]
     Thread(std::io::Error),
+    #[error("{file}: state_dir: cannot use the spool in {dir}: {source}")]
+    Spool {
+        file: PathBuf,
+        dir: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl StartError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            StartError::Thread(_) => 1,
+            StartError::Thread(_) | StartError::Spool { .. } => 1,
             _ => 2,
         }
     }
@@ -104,6 +112,32 @@ pub fn start(config: AgentConfig, shutdown: CancellationToken) -> Result<Running
             source,
         })?;
 
+    let spool_error = |source| StartError::Spool {
+        file: config.source.clone(),
+        dir: config.state_dir.clone(),
+        source,
+    };
+    let spool = Arc::new(spool::Spool::open(&config.state_dir).map_err(spool_error)?);
+    let interrupted = spool.recover(report::now_unix()).map_err(spool_error)?;
+    if interrupted > 0 {
+        tracing::warn!(interrupted, "tasks interrupted by the previous agent stop are reported as failed");
+    }
+    let tasks = Arc::new(tasks::Tasks {
+        config_file: config.source.display().to_string(),
+        commands: config.commands.clone(),
+        spool,
+        results_ready: Arc::new(tokio::sync::Notify::new()),
+        running: std::sync::Mutex::new(std::collections::HashMap::new()),
+    });
+    let new_client = || {
+        HttpsClient::new(&config.controller_url, Identity::Controller, tls.clone()).map_err(|source| StartError::Url {
+            file: config.source.clone(),
+            source,
+        })
+    };
+    let poller = tokio::spawn(tasks.clone().poll_loop(new_client()?, shutdown.clone()));
+    let sender = tokio::spawn(tasks.clone().send_loop(new_client()?, shutdown.clone()));
+
     let (snapshot_tx, snapshot_rx) = watch::channel(None);
     let (stop_tx, stop_rx) = mpsc::channel::<()>();
     let collect_config = config.collect.clone();
@@ -131,7 +165,7 @@ pub fn start(config: AgentConfig, shutdown: CancellationToken) -> Result<Running
     let reporter = tokio::spawn(reporter.run(snapshot_rx, shutdown));
     tracing::info!(agent = %config.id, controller = %config.controller_url, interval_s = config.collect.interval.as_secs_f64(), "agent started");
     Ok(Running {
-        tasks: vec![reporter, watcher],
+        tasks: vec![reporter, watcher, poller, sender],
         collector: Some(collector),
         stop_collector: Some(stop_tx),
     })
@@ -193,6 +227,7 @@ fn init_tracing(format: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();

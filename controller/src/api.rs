@@ -113,37 +113,111 @@ fn operator_or_controller(identity: &Identity) -> bool {
     matches!(identity, Identity::Operator(_) | Identity::Controller)
 }
 
+/// Every endpoint, parsed from the path.
+#[derive(Debug, Clone, PartialEq)]
+enum Route {
+    Healthz,
+    Readyz,
+    Metrics,
+    Report,
+    Status,
+    Tasks,
+    Results,
+    Jobs,
+    JobAction(String, JobAction),
+    Run(i64),
+    Reload,
+    Other,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum JobAction {
+    Run,
+    Pause,
+    Resume,
+    History,
+}
+
+impl Route {
+    fn parse(path: &str) -> Route {
+        match path {
+            "/healthz" => return Route::Healthz,
+            "/readyz" => return Route::Readyz,
+            "/metrics" => return Route::Metrics,
+            dicops_proto::REPORT_PATH => return Route::Report,
+            dicops_proto::STATUS_PATH => return Route::Status,
+            dicops_proto::TASKS_PATH => return Route::Tasks,
+            dicops_proto::RESULTS_PATH => return Route::Results,
+            dicops_proto::JOBS_PATH => return Route::Jobs,
+            dicops_proto::RELOAD_PATH => return Route::Reload,
+            _ => {}
+        }
+        if let Some(rest) = path.strip_prefix(dicops_proto::JOBS_PATH).and_then(|r| r.strip_prefix('/')) {
+            if let Some((job, action)) = rest.split_once('/') {
+                let action = match action {
+                    "run" => JobAction::Run,
+                    "pause" => JobAction::Pause,
+                    "resume" => JobAction::Resume,
+                    "runs" => JobAction::History,
+                    _ => return Route::Other,
+                };
+                if dicops_proto::is_valid_id(job) {
+                    return Route::JobAction(job.to_string(), action);
+                }
+            }
+        }
+        if let Some(id) = path.strip_prefix(dicops_proto::RUNS_PATH).and_then(|r| r.strip_prefix('/')) {
+            if let Ok(id) = id.parse() {
+                return Route::Run(id);
+            }
+        }
+        Route::Other
+    }
+
+    /// The bounded `handler` label.
+    fn handler(&self) -> &'static str {
+        match self {
+            Route::Healthz => "healthz",
+            Route::Readyz => "readyz",
+            Route::Metrics => "metrics",
+            Route::Report => "report",
+            Route::Status => "status",
+            Route::Tasks => "tasks",
+            Route::Results => "results",
+            Route::Jobs => "jobs",
+            Route::JobAction(_, JobAction::History) => "job_history",
+            Route::JobAction(..) => "job_action",
+            Route::Run(_) => "run",
+            Route::Reload => "reload",
+            Route::Other => "other",
+        }
+    }
+
+    fn method(&self) -> Method {
+        match self {
+            Route::Report | Route::Results | Route::Reload => Method::POST,
+            Route::JobAction(_, JobAction::History) => Method::GET,
+            Route::JobAction(..) => Method::POST,
+            _ => Method::GET,
+        }
+    }
+}
+
+fn is_agent(identity: &Identity) -> bool {
+    matches!(identity, Identity::Agent(_))
+}
+
 /// Routes one request; returns the handler label and the response.
-pub async fn route(
-    req: Request<Incoming>,
-    peer: &Peer,
-    shared: &Shared,
-) -> (&'static str, Response<Full<Bytes>>) {
+pub async fn route(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> (&'static str, Response<Full<Bytes>>) {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
-    let handler: &'static str = match path.as_str() {
-        "/healthz" => "healthz",
-        "/readyz" => "readyz",
-        "/metrics" => "metrics",
-        dicops_proto::REPORT_PATH => "report",
-        dicops_proto::STATUS_PATH => "status",
-        _ => "other",
-    };
-    let expected = match handler {
-        "report" => Method::POST,
-        _ => Method::GET,
-    };
-    if handler == "other" {
-        let response = refuse(
-            shared,
-            handler,
-            peer,
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no such endpoint: {path}"),
-        );
+    let route = Route::parse(&path);
+    let handler = route.handler();
+    if route == Route::Other {
+        let response = refuse(shared, handler, peer, StatusCode::NOT_FOUND, "not_found", format!("no such endpoint: {path}"));
         return (handler, response);
     }
+    let expected = route.method();
     if method != expected && !(method == Method::HEAD && expected == Method::GET) {
         let response = refuse(
             shared,
@@ -155,36 +229,156 @@ pub async fn route(
         );
         return (handler, response);
     }
-    let response = match handler {
-        "healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),
-        "readyz" => {
+    let operator_only = !matches!(route, Route::Healthz | Route::Readyz | Route::Report | Route::Tasks | Route::Results);
+    if operator_only {
+        if let Some(refusal) = authorize(shared, handler, peer, operator_or_controller, &path) {
+            return (handler, refusal);
+        }
+    }
+    if matches!(route, Route::Tasks | Route::Results) {
+        if let Some(refusal) = authorize(shared, handler, peer, is_agent, &path) {
+            return (handler, refusal);
+        }
+    }
+    let response = match route {
+        Route::Healthz => respond(StatusCode::OK, "text/plain", "ok\n"),
+        Route::Readyz => {
             if shared.ready.load(std::sync::atomic::Ordering::Relaxed) {
                 respond(StatusCode::OK, "text/plain", "ready\n")
             } else {
                 respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "starting\n")
             }
         }
-        "metrics" => match authorize(shared, handler, peer, operator_or_controller, "/metrics") {
-            Some(refusal) => refusal,
-            None => respond(
-                StatusCode::OK,
-                PROMETHEUS_TEXT,
-                crate::render_metrics(shared),
-            ),
+        Route::Metrics => respond(StatusCode::OK, PROMETHEUS_TEXT, crate::render_metrics(shared)),
+        Route::Status => json(StatusCode::OK, &shared.state.status(now_unix())),
+        Route::Report => report(req, peer, shared).await,
+        Route::Tasks => tasks(&req, peer, shared).await,
+        Route::Results => results(req, peer, shared).await,
+        Route::Jobs => match shared.scheduler.jobs() {
+            Ok(jobs) => json(StatusCode::OK, &jobs),
+            Err(e) => internal(shared, handler, peer, e),
         },
-        "status" => match authorize(
-            shared,
-            handler,
-            peer,
-            operator_or_controller,
-            "the status API",
-        ) {
-            Some(refusal) => refusal,
-            None => json(StatusCode::OK, &shared.state.status(now_unix())),
+        Route::JobAction(job, action) => job_action(shared, handler, peer, &job, action, req.uri().query()),
+        Route::Run(id) => match shared.scheduler.run(id) {
+            Ok(Some(run)) => json(StatusCode::OK, &run),
+            Ok(None) => refuse(shared, handler, peer, StatusCode::NOT_FOUND, "unknown_run", format!("no run {id}")),
+            Err(e) => internal(shared, handler, peer, e),
         },
-        _ => report(req, peer, shared).await,
+        Route::Reload => {
+            audit(shared, peer, "reload", "config", "");
+            match crate::reload(shared) {
+                Ok(()) => json(StatusCode::OK, &serde_json::json!({"reloaded": true})),
+                Err(e) => refuse(shared, handler, peer, StatusCode::UNPROCESSABLE_ENTITY, "invalid_config", e.to_string()),
+            }
+        }
+        Route::Other => respond(StatusCode::NOT_FOUND, "text/plain", ""),
     };
     (handler, response)
+}
+
+fn internal(shared: &Shared, handler: &'static str, peer: &Peer, error: impl std::fmt::Display) -> Response<Full<Bytes>> {
+    tracing::error!(handler, %error, "internal error");
+    refuse(shared, handler, peer, StatusCode::INTERNAL_SERVER_ERROR, "internal", error.to_string())
+}
+
+/// Records an operator action: who, with which certificate, did what.
+fn audit(shared: &Shared, peer: &Peer, action: &str, target: &str, detail: &str) {
+    let who = peer.identity.as_ref().map(|i| i.to_string()).unwrap_or_else(|| "anonymous".into());
+    if let Err(e) = shared
+        .scheduler
+        .store()
+        .audit(&who, peer.cert_serial.as_deref(), action, target, detail, now_unix())
+    {
+        tracing::error!(error = %e, "cannot write the audit log");
+    }
+    tracing::info!(%who, action, target, "operator action");
+}
+
+fn job_action(shared: &Shared, handler: &'static str, peer: &Peer, job: &str, action: JobAction, query: Option<&str>) -> Response<Full<Bytes>> {
+    use crate::scheduler::SchedulerError;
+    let scheduler = &shared.scheduler;
+    let result = match action {
+        JobAction::Run => {
+            audit(shared, peer, "run", job, "");
+            scheduler
+                .run_now(job, &shared.metrics, chrono::Utc::now())
+                .map(|run_id| json(StatusCode::ACCEPTED, &dicops_proto::RunStarted { run_id }))
+        }
+        JobAction::Pause | JobAction::Resume => {
+            let paused = action == JobAction::Pause;
+            audit(shared, peer, if paused { "pause" } else { "resume" }, job, "");
+            scheduler
+                .set_paused(job, paused)
+                .map(|()| json(StatusCode::OK, &serde_json::json!({"job": job, "paused": paused})))
+        }
+        JobAction::History => {
+            let limit = query
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("limit=")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(20u32)
+                .min(1000);
+            scheduler.history(job, limit).map(|runs| json(StatusCode::OK, &runs))
+        }
+    };
+    match result {
+        Ok(response) => response,
+        Err(e @ SchedulerError::UnknownJob(_)) => refuse(shared, handler, peer, StatusCode::NOT_FOUND, e.reason(), e.to_string()),
+        Err(e @ SchedulerError::AlreadyRunning { .. }) => refuse(shared, handler, peer, StatusCode::CONFLICT, e.reason(), e.to_string()),
+        Err(e) => internal(shared, handler, peer, e),
+    }
+}
+
+/// Long poll of an agent for its tasks: `?wait=SECONDS` (at most 30).
+async fn tasks(req: &Request<Incoming>, peer: &Peer, shared: &Shared) -> Response<Full<Bytes>> {
+    let Some(Identity::Agent(agent)) = &peer.identity else {
+        return refuse_identity(shared, "tasks", peer, "the tasks endpoint");
+    };
+    if shared.state.config().site_of(agent).is_none() {
+        return refuse(
+            shared,
+            "tasks",
+            peer,
+            StatusCode::FORBIDDEN,
+            "unknown_agent",
+            format!("agent {agent:?} is not in the controller's inventory"),
+        );
+    }
+    let wait = req
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("wait=")))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(25)
+        .min(30);
+    match shared.scheduler.poll(agent, std::time::Duration::from_secs(wait)).await {
+        Ok(poll) => json(StatusCode::OK, &poll),
+        Err(e) => internal(shared, "tasks", peer, e),
+    }
+}
+
+/// An agent's result of a task, acknowledged once durably recorded.
+async fn results(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> Response<Full<Bytes>> {
+    const H: &str = "results";
+    let Some(Identity::Agent(agent)) = peer.identity.clone() else {
+        return refuse_identity(shared, H, peer, "the results endpoint");
+    };
+    let limit = shared.state.config().max_request_bytes;
+    let body = match dicops_net::body::read_limited(req.into_body(), limit).await {
+        Ok(body) => body,
+        Err(dicops_net::body::BodyError::TooLarge { limit }) => {
+            return refuse(shared, H, peer, StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("result is larger than the limit of {limit} bytes"))
+        }
+        Err(e) => return refuse(shared, H, peer, StatusCode::BAD_REQUEST, "malformed", e.to_string()),
+    };
+    let result: dicops_proto::TaskResult = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return refuse(shared, H, peer, StatusCode::BAD_REQUEST, "malformed", format!("result is not valid JSON of the expected shape: {e}")),
+    };
+    match shared.scheduler.record_result(&agent, &result, &shared.metrics, chrono::Utc::now()) {
+        Ok(recorded) => json(StatusCode::OK, &dicops_proto::ResultAck { run_id: result.run_id, recorded }),
+        Err(e @ crate::scheduler::SchedulerError::NotYourRun { .. }) => refuse(shared, H, peer, StatusCode::FORBIDDEN, e.reason(), e.to_string()),
+        Err(e) => internal(shared, H, peer, e),
+    }
 }
 
 async fn report(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> Response<Full<Bytes>> {

@@ -6,6 +6,7 @@
 mod api;
 pub mod metrics;
 mod server;
+pub mod scheduler;
 mod state;
 pub mod store;
 
@@ -31,6 +32,7 @@ pub use state::State;
 /// What every request handler shares.
 pub struct Shared {
     pub state: State,
+    pub scheduler: Arc<scheduler::Scheduler>,
     pub metrics: Metrics,
     pub tls: Arc<TlsReloader>,
     pub ready: AtomicBool,
@@ -52,13 +54,42 @@ pub fn render_metrics(shared: &Shared) -> Vec<u8> {
         ("ca", shared.tls.ca_not_after()),
     ];
     shared.state.render(now_unix(), &own, &mut text);
+    render_jobs(shared, &mut text);
     let mut out = text.into_bytes();
     shared.metrics.encode_registry(&mut out);
     out
 }
 
+fn render_jobs(shared: &Shared, out: &mut String) {
+    use metrics as m;
+    let config = shared.state.config();
+    let jobs = shared.scheduler.job_metrics();
+    let mut e = metrics::Exposition::new(out);
+    e.family(m::CONFIG_INFO);
+    e.sample(m::CONFIG_INFO, &[("hash", &config.hash)], 1.0);
+    type Get = fn(&scheduler::JobMetrics) -> Option<f64>;
+    let families: [(m::Def, Get); 6] = [
+        (m::JOB_NEXT_RUN, |j| j.next_run),
+        (m::JOB_EXPECTED_NEXT_RUN, |j| j.expected_next_run),
+        (m::JOB_LAST_RUN, |j| j.last_run),
+        (m::JOB_EVER_SUCCEEDED, |j| Some(f64::from(u8::from(j.ever_succeeded)))),
+        (m::JOB_RUNNING, |j| Some(f64::from(u8::from(j.running)))),
+        (m::JOB_PAUSED, |j| Some(f64::from(u8::from(j.paused)))),
+    ];
+    for (def, get) in families {
+        e.family(def);
+        for job in &jobs {
+            if let Some(value) = get(job) {
+                e.sample(def, &[("job", &job.job), ("kind", job.kind), ("site", &job.site), ("agent", &job.agent)], value);
+            }
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error("{0}")]
+    Store(#[from] store::StoreError),
     #[error("{file}: {source}")]
     Tls {
         file: PathBuf,
@@ -147,8 +178,12 @@ pub async fn start(
     metrics.config_reload_ok.set(1);
     metrics.config_reload_time.set(now_unix());
     let reload_interval = config.tls.reload_interval;
+    let config = Arc::new(config);
+    let store = Arc::new(store::Store::open(&config.database)?);
+    let scheduler = Arc::new(scheduler::Scheduler::start(store, config.clone(), &metrics, chrono::Utc::now())?);
     let shared = Arc::new(Shared {
-        state: State::new(Arc::new(config)),
+        scheduler,
+        state: State::new(config),
         metrics,
         tls: tls.clone(),
         ready: AtomicBool::new(false),
@@ -169,6 +204,8 @@ pub async fn start(
     tracker.spawn(async move {
         let _ = watcher.await;
     });
+    tracker.spawn(scheduler_loop(shared.clone(), shutdown.clone()));
+    tracker.spawn(housekeeping(shared.clone(), shutdown.clone()));
     tracker.spawn(server::serve(
         listener,
         shared.clone(),
@@ -187,6 +224,58 @@ pub async fn start(
     })
 }
 
+/// Ticks the scheduler whenever something is due, or when woken.
+async fn scheduler_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
+    loop {
+        let now = chrono::Utc::now();
+        let next = match shared.scheduler.tick(&shared.metrics, now) {
+            Ok(next) => next,
+            Err(e) => {
+                tracing::error!(error = %e, "scheduler tick failed; retrying in 1 s");
+                now + chrono::Duration::seconds(1)
+            }
+        };
+        let wait = (next - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = shared.scheduler.wake.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Saves the inventory as last seen every minute and prunes old history
+/// every hour.
+async fn housekeeping(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    let mut minutes = 0u64;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let rows = shared.state.inventory_rows();
+        let store = shared.scheduler.clone();
+        let keep = shared.state.config().history_keep;
+        let prune = minutes % 60 == 0;
+        minutes += 1;
+        let outcome = tokio::task::spawn_blocking(move || {
+            store.store().save_inventory(&rows)?;
+            if prune {
+                let removed = store.store().prune(now_unix() - keep.as_secs_f64())?;
+                if removed > 0 {
+                    tracing::info!(removed, "pruned old run history");
+                }
+            }
+            Ok::<_, store::StoreError>(())
+        })
+        .await;
+        if let Ok(Err(e)) = outcome {
+            tracing::error!(error = %e, "housekeeping failed");
+        }
+    }
+}
+
 /// Re-reads the config file; a bad file keeps the running config.
 pub fn reload(shared: &Shared) -> Result<(), dicops_config::ConfigError> {
     let current = shared.state.config();
@@ -198,7 +287,20 @@ pub fn reload(shared: &Shared) -> Result<(), dicops_config::ConfigError> {
                 );
             }
             let agents = new.agents.len();
-            shared.state.replace_config(Arc::new(new));
+            let new = Arc::new(new);
+            if let Err(e) = shared.scheduler.apply_config(new.clone(), &shared.metrics, chrono::Utc::now()) {
+                shared.metrics.config_reload_ok.set(0);
+                tracing::error!(error = %e, "cannot apply the new jobs; keeping the running configuration");
+                return Err(dicops_config::ConfigError {
+                    file: current.source.clone(),
+                    problems: vec![dicops_config::Problem {
+                        location: None,
+                        field: String::new(),
+                        message: e.to_string(),
+                    }],
+                });
+            }
+            shared.state.replace_config(new);
             shared.metrics.config_reload_ok.set(1);
             shared.metrics.config_reload_time.set(now_unix());
             tracing::info!(agents, "configuration reloaded");
@@ -241,6 +343,7 @@ pub fn init_tracing(format: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();

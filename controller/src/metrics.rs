@@ -98,6 +98,17 @@ defs! {
     HOST_NET_RX_ERR = "dicops_host_network_receive_errors_total", Counter, "Receive errors on a network interface.";
     HOST_NET_TX_ERR = "dicops_host_network_transmit_errors_total", Counter, "Transmit errors on a network interface.";
     SERVICE_UP = "dicops_service_up", Gauge, "1 if the systemd unit named in the agent's config is active.";
+    CONFIG_INFO = "dicops_config_info", Gauge, "Fingerprint of the loaded configuration file; always 1. Compare across deployments to spot drift.";
+    JOB_NEXT_RUN = "dicops_job_next_run_timestamp_seconds", Gauge, "Next scheduled fire of the job.";
+    JOB_EXPECTED_NEXT_RUN = "dicops_job_expected_next_run_timestamp_seconds", Gauge, "When the job should next have run, counted from its last success: time() beyond it means a fire was missed or failed.";
+    JOB_LAST_RUN = "dicops_job_last_run_timestamp_seconds", Gauge, "When the job's last run started.";
+    JOB_EVER_SUCCEEDED = "dicops_job_ever_succeeded", Gauge, "1 once the job has had a successful run (within the kept history).";
+    JOB_RUNNING = "dicops_job_running", Gauge, "1 while a run of the job is queued or going.";
+    JOB_PAUSED = "dicops_job_paused", Gauge, "1 while an operator has paused the job.";
+    JOB_RUNS = "dicops_job_runs_total", Counter, "Runs ended, by job and result (succeeded, failed, timed_out).";
+    JOB_SKIPPED = "dicops_job_skipped_total", Counter, "Scheduled fires that did not start a run, by job and reason (overlap, paused).";
+    JOB_TIMEOUTS = "dicops_job_timeouts_total", Counter, "Runs stopped for exceeding their max_runtime.";
+    DISPATCH_DELAY = "dicops_scheduler_dispatch_delay_seconds", Histogram, "Time from a run's due time to its task being handed to the agent's queue.";
 }
 
 /// The controller's own instruments.
@@ -112,6 +123,10 @@ pub struct Metrics {
     pub config_reload_ok: IntGauge,
     pub config_reload_time: Gauge,
     pub connections_open: IntGauge,
+    pub job_runs: IntCounterVec,
+    pub job_skipped: IntCounterVec,
+    pub job_timeouts: IntCounterVec,
+    pub dispatch_delay: prometheus::Histogram,
 }
 
 fn opts(def: Def) -> Opts {
@@ -137,6 +152,12 @@ impl Metrics {
             config_reload_ok: IntGauge::with_opts(opts(CONFIG_RELOAD_OK))?,
             config_reload_time: Gauge::with_opts(opts(CONFIG_RELOAD_TIME))?,
             connections_open: IntGauge::with_opts(opts(CONNECTIONS_OPEN))?,
+            job_runs: IntCounterVec::new(opts(JOB_RUNS), &["job", "result"])?,
+            job_skipped: IntCounterVec::new(opts(JOB_SKIPPED), &["job", "reason"])?,
+            job_timeouts: IntCounterVec::new(opts(JOB_TIMEOUTS), &["job"])?,
+            dispatch_delay: prometheus::Histogram::with_opts(
+                HistogramOpts::new(DISPATCH_DELAY.name, DISPATCH_DELAY.help).buckets(vec![0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0]),
+            )?,
             registry,
         };
         let r = &metrics.registry;
@@ -150,6 +171,10 @@ impl Metrics {
         r.register(Box::new(metrics.config_reload_ok.clone()))?;
         r.register(Box::new(metrics.config_reload_time.clone()))?;
         r.register(Box::new(metrics.connections_open.clone()))?;
+        r.register(Box::new(metrics.job_runs.clone()))?;
+        r.register(Box::new(metrics.job_skipped.clone()))?;
+        r.register(Box::new(metrics.job_timeouts.clone()))?;
+        r.register(Box::new(metrics.dispatch_delay.clone()))?;
         #[cfg(target_os = "linux")]
         r.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),

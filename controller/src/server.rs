@@ -32,6 +32,7 @@ pub struct Peer {
     pub addr: SocketAddr,
     pub identity: Option<Identity>,
     pub cert_not_after: Option<f64>,
+    pub cert_serial: Option<String>,
 }
 
 pub async fn serve(
@@ -110,6 +111,7 @@ async fn handle_connection(
         addr,
         identity: leaf.as_ref().and_then(dicops_net::certificate_identity),
         cert_not_after: leaf.as_ref().and_then(dicops_net::certificate_not_after),
+        cert_serial: leaf.as_ref().and_then(dicops_net::certificate_serial),
     };
     if leaf.is_some() && peer.identity.is_none() {
         tracing::warn!(peer = %addr, "client certificate from our CA carries no dicops identity");

@@ -68,6 +68,25 @@ impl State {
         inner.config = config;
     }
 
+    /// (agent, site, last report, info JSON) for the database.
+    pub fn inventory_rows(&self) -> Vec<(String, String, Option<f64>, Option<String>)> {
+        let inner = self.read();
+        inner
+            .config
+            .agents
+            .iter()
+            .map(|a| {
+                let record = inner.agents.get(&a.id);
+                (
+                    a.id.clone(),
+                    a.site.clone(),
+                    record.map(|r| r.received_at),
+                    record.and_then(|r| serde_json::to_string(&r.report.info).ok()),
+                )
+            })
+            .collect()
+    }
+
     /// Records a report from an authenticated agent. Returns its site.
     pub fn accept_report(
         &self,

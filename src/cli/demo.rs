@@ -116,7 +116,7 @@ fn write_configs(dir: &Path, port: u16, interval: u64) -> anyhow::Result<()> {
         true,
     )?;
     let mut controller = format!(
-        "# dicops demo controller: two sites on loopback.\nlisten: 127.0.0.1:{port}\ntls:\n  ca: pki/ca.pem\n  cert: pki/controller.pem\n  key: pki/controller-key.pem\nhealth:\n  report_interval: {interval}s\n  down_after_missed_reports: 3\nsites:\n"
+        "# dicops demo controller: two sites on loopback.\nlisten: 127.0.0.1:{port}\nstate:\n  database: controller.db\ntls:\n  ca: pki/ca.pem\n  cert: pki/controller.pem\n  key: pki/controller-key.pem\nhealth:\n  report_interval: {interval}s\n  down_after_missed_reports: 3\nsites:\n"
     );
     for (site, description, _) in SITES {
         controller.push_str(&format!(
@@ -136,10 +136,18 @@ fn write_configs(dir: &Path, port: u16, interval: u64) -> anyhow::Result<()> {
                 true,
             )?;
             let config = format!(
-                "id: {agent}\ncontroller:\n  url: https://127.0.0.1:{port}\ntls:\n  ca: pki/ca.pem\n  cert: pki/agent-{agent}.pem\n  key: pki/agent-{agent}-key.pem\ncollect:\n  interval: {interval}s\n  paths: [{}]\n",
+                "id: {agent}\ncontroller:\n  url: https://127.0.0.1:{port}\nstate_dir: state-{agent}\ncommands:\n  disk-usage:\n    argv: [/bin/df, -h, {}]\n    timeout: 1m\ntls:\n  ca: pki/ca.pem\n  cert: pki/agent-{agent}.pem\n  key: pki/agent-{agent}-key.pem\ncollect:\n  interval: {interval}s\n  paths: [{}]\n",
+                dir.display(),
                 dir.display()
             );
             std::fs::write(dir.join(format!("agent-{agent}.yaml")), config)?;
+        }
+    }
+    // One scheduled job per agent, so the demo shows the scheduler at work.
+    controller.push_str("jobs:\n");
+    for (_, _, agents) in SITES {
+        for agent in agents {
+            controller.push_str(&format!("  - name: {agent}-disk-usage\n    agent: {agent}\n    command: disk-usage\n    schedule: \"* * * * *\"\n"));
         }
     }
     std::fs::write(dir.join("controller.yaml"), controller)?;

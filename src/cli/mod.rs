@@ -1,6 +1,8 @@
+pub mod api;
 pub mod check_config;
 pub mod check_link;
 pub mod demo;
+pub mod jobs;
 pub mod pki;
 pub mod status;
 

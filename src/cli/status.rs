@@ -3,12 +3,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context};
 use clap::Args;
 use dicops_config::CliConfig;
-use dicops_net::{HttpsClient, TlsFiles, TlsReloader};
-use dicops_proto::{AgentStatus, ApiError, Identity, SiteStatus, StatusResponse};
-use hyper::Method;
+use dicops_proto::{AgentStatus, SiteStatus, StatusResponse};
 
 use super::human_age;
 
@@ -32,28 +29,7 @@ pub struct StatusArgs {
 
 /// Fetches the controller's status with an operator certificate.
 pub async fn fetch(config: &CliConfig) -> anyhow::Result<StatusResponse> {
-    let tls = TlsReloader::load(TlsFiles {
-        ca: config.tls.ca.clone(),
-        cert: config.tls.cert.clone(),
-        key: config.tls.key.clone(),
-    })
-    .with_context(|| format!("{}", config.source.display()))?;
-    let mut client = HttpsClient::new(&config.controller_url, Identity::Controller, tls)?;
-    client.request_timeout = std::time::Duration::from_secs(15);
-    let (status, body) = client
-        .request(Method::GET, dicops_proto::STATUS_PATH, None)
-        .await?;
-    if !status.is_success() {
-        match serde_json::from_slice::<ApiError>(&body) {
-            Ok(e) => bail!(
-                "the controller refused: {status} ({}): {}",
-                e.reason,
-                e.error
-            ),
-            Err(_) => bail!("the controller answered {status}"),
-        }
-    }
-    serde_json::from_slice(&body).context("the controller's answer is not a status document")
+    super::api::Api::new(config)?.get(dicops_proto::STATUS_PATH).await
 }
 
 pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {

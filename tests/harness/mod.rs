@@ -179,6 +179,10 @@ pub struct Deployment {
     pub sites: Vec<(String, Vec<String>)>,
     pub interval: &'static str,
     pub down_after: u32,
+    /// YAML appended to the controller config (e.g. `jobs:`).
+    pub controller_extra: String,
+    /// YAML appended to every agent config (e.g. `commands:`).
+    pub agent_extra: String,
     pub runtime: tokio::runtime::Runtime,
 }
 
@@ -206,6 +210,8 @@ impl Deployment {
             sites: owned,
             interval: "1s",
             down_after: 3,
+            controller_extra: String::new(),
+            agent_extra: String::new(),
             runtime: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -219,8 +225,9 @@ impl Deployment {
 
     pub fn controller_yaml(&self) -> String {
         let mut text = format!(
-            "listen: 127.0.0.1:{}\n{}health:\n  report_interval: {}\n  down_after_missed_reports: {}\nlimits:\n  max_request_bytes: 64KiB\nsites:\n",
+            "listen: 127.0.0.1:{}\nstate:\n  database: {}\n{}health:\n  report_interval: {}\n  down_after_missed_reports: {}\nlimits:\n  max_request_bytes: 64KiB\nsites:\n",
             self.port,
+            self.root.path().join("controller.db").display(),
             self.pki.tls_yaml("controller"),
             self.interval,
             self.down_after
@@ -234,6 +241,7 @@ impl Deployment {
                 text.push_str(&format!("  - id: {agent}\n    site: {site}\n"));
             }
         }
+        text.push_str(&self.controller_extra);
         text
     }
 
@@ -256,12 +264,13 @@ impl Deployment {
 
     pub fn agent_yaml(&self, id: &str) -> String {
         format!(
-            "id: {id}\ncontroller:\n  url: https://127.0.0.1:{}\n{}collect:\n  interval: {}\n  paths: [{}]\n",
+            "id: {id}\ncontroller:\n  url: https://127.0.0.1:{}\nstate_dir: {}\n{}collect:\n  interval: {}\n  paths: [{}]\n",
             self.port,
+            self.root.path().join(format!("agent-{id}-state")).display(),
             self.pki.tls_yaml(&format!("agent-{id}")),
             self.interval,
             self.root.path().display()
-        )
+        ) + &self.agent_extra
     }
 
     pub fn start_agent(&self, id: &str) -> Process {

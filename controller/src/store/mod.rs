@@ -99,6 +99,16 @@ pub struct RunEnd {
     pub started_at: Option<f64>,
 }
 
+/// A run to create.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewRun<'a> {
+    pub job: &'a str,
+    pub kind: &'a str,
+    pub agents: &'a str,
+    pub trigger: &'a str,
+    pub attempt: u32,
+}
+
 pub struct Store {
     conn: Mutex<Connection>,
 }
@@ -239,11 +249,44 @@ impl Store {
 
     /// The run was handed to its agent.
     pub fn mark_running(&self, id: i64, now: f64) -> Result<(), StoreError> {
-        self.conn().execute(
-            "UPDATE runs SET status = 'running', started_at = ?2 WHERE id = ?1 AND status = 'queued'",
-            params![id, now],
-        )?;
+        self.mark_running_many(&[id], now)
+    }
+
+    /// Several runs handed out at once, in one transaction.
+    pub fn mark_running_many(&self, ids: &[i64], now: f64) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached("UPDATE runs SET status = 'running', started_at = ?2 WHERE id = ?1 AND status = 'queued'")?;
+            for id in ids {
+                stmt.execute(params![id, now])?;
+            }
+        }
+        tx.commit()?;
         Ok(())
+    }
+
+    /// Creates runs and records fires in one transaction: one fsync for a
+    /// whole tick of the scheduler, however many jobs fired in it.
+    pub fn record_tick(&self, runs: &[NewRun<'_>], fires: &[(&str, f64)], now: f64) -> Result<Vec<i64>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let mut ids = Vec::with_capacity(runs.len());
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO runs (job, kind, agents, trigger, attempt, status, created_at) VALUES (?1, ?2, ?3, ?4, ?5, 'queued', ?6)",
+            )?;
+            for run in runs {
+                insert.execute(params![run.job, run.kind, run.agents, run.trigger, run.attempt, now])?;
+                ids.push(tx.last_insert_rowid());
+            }
+            let mut fire = tx.prepare_cached("UPDATE jobs SET last_fire = ?2 WHERE name = ?1")?;
+            for (job, at) in fires {
+                fire.execute(params![job, at])?;
+            }
+        }
+        tx.commit()?;
+        Ok(ids)
     }
 
     /// Records the end of a run exactly once: returns false (and changes

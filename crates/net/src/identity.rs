@@ -19,3 +19,9 @@ pub fn certificate_not_after(cert: &CertificateDer<'_>) -> Option<f64> {
     let (_, parsed) = X509Certificate::from_der(cert.as_ref()).ok()?;
     Some(parsed.validity().not_after.timestamp() as f64)
 }
+
+/// The certificate's serial number in hex, for audit records.
+pub fn certificate_serial(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = X509Certificate::from_der(cert.as_ref()).ok()?;
+    Some(parsed.tbs_certificate.raw_serial_as_string())
+}

@@ -10,5 +10,5 @@ pub mod identity;
 pub mod tls;
 
 pub use client::{ClientError, FailureClass, HttpsClient};
-pub use identity::{certificate_identity, certificate_not_after};
+pub use identity::{certificate_identity, certificate_not_after, certificate_serial};
 pub use tls::{handshake_failure_reason, TlsError, TlsFiles, TlsReloader};

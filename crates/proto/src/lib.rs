@@ -314,3 +314,117 @@ mod tests {
         assert!(report.health.filesystems.is_empty());
     }
 }
+
+/// Where an agent long-polls for its tasks.
+pub const TASKS_PATH: &str = "/api/v1/tasks";
+/// Where an agent sends the result of a task.
+pub const RESULTS_PATH: &str = "/api/v1/results";
+/// Jobs, runs and operator actions (`/api/v1/jobs/NAME/run` and so on).
+pub const JOBS_PATH: &str = "/api/v1/jobs";
+pub const RUNS_PATH: &str = "/api/v1/runs";
+pub const RELOAD_PATH: &str = "/api/v1/reload";
+
+/// Work for an agent: one attempt of one run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    pub run_id: i64,
+    pub job: String,
+    pub attempt: u32,
+    /// Unix seconds after which the controller records the run as timed out.
+    pub deadline: f64,
+    pub kind: TaskKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum TaskKind {
+    /// Run the command the agent's own config defines under this name.
+    Command { name: String },
+}
+
+/// The answer to a long poll.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TaskPoll {
+    #[serde(default)]
+    pub tasks: Vec<Task>,
+    /// Runs the controller has given up on (max runtime): stop them.
+    #[serde(default)]
+    pub cancel: Vec<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskOutcome {
+    Succeeded,
+    Failed,
+}
+
+/// What an agent reports when a task ends. Kept on the agent's disk until
+/// the controller acknowledges it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskResult {
+    pub run_id: i64,
+    pub job: String,
+    pub outcome: TaskOutcome,
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    pub started_at: f64,
+    pub finished_at: f64,
+    /// The end of the command's output, bounded.
+    #[serde(default)]
+    pub output_tail: String,
+    #[serde(default)]
+    pub bytes: Option<u64>,
+    #[serde(default)]
+    pub files: Option<u64>,
+}
+
+/// The controller's acknowledgement of a result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResultAck {
+    pub run_id: i64,
+    /// False when the run had already ended (a resend): nothing changed.
+    pub recorded: bool,
+}
+
+/// One job as the API lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobStatus {
+    pub name: String,
+    pub kind: String,
+    pub agent: String,
+    pub site: String,
+    pub schedule: Option<String>,
+    pub paused: bool,
+    pub next_fire: Option<f64>,
+    pub running_run: Option<i64>,
+    pub last_run: Option<RunInfo>,
+}
+
+/// One run as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunInfo {
+    pub id: i64,
+    pub job: String,
+    pub kind: String,
+    pub agents: String,
+    pub trigger: String,
+    pub attempt: u32,
+    pub status: String,
+    pub created_at: f64,
+    pub started_at: Option<f64>,
+    pub finished_at: Option<f64>,
+    pub error: Option<String>,
+    pub exit_code: Option<i32>,
+    pub output_tail: Option<String>,
+    pub bytes: Option<u64>,
+    pub files: Option<u64>,
+}
+
+/// The answer to "run now".
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunStarted {
+    pub run_id: i64,
+}

@@ -1,0 +1,588 @@
+//! The one scheduler of the deployment: fires jobs from their schedules,
+//! hands tasks to agents over their own connections, records every run.
+//!
+//! Decisions (when, overlap, retry, catch-up) are made by the pure
+//! `dicops_core::jobs::JobTimer`; this module does the bookkeeping around
+//! it: the database, the per-agent outboxes that long polls drain, the
+//! site-pair concurrency limits, and the deadlines.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use dicops_config::{ControllerConfig, JobConfig, JobKind};
+use dicops_core::jobs::{Action, JobTimer, Outcome};
+use dicops_proto::{JobStatus, RunInfo, Task, TaskKind, TaskOutcome, TaskPoll, TaskResult};
+use tokio::sync::Notify;
+
+use crate::metrics::Metrics;
+use crate::store::{NewRun, RunEnd, RunRecord, RunStatus, Store, StoreError};
+
+fn to_time(unix: f64) -> DateTime<Utc> {
+    let millis = (unix * 1000.0).round() as i64;
+    Utc.timestamp_millis_opt(millis).single().unwrap_or_default()
+}
+
+fn to_unix(at: DateTime<Utc>) -> f64 {
+    at.timestamp_millis() as f64 / 1000.0
+}
+
+/// Refusals of scheduler operations, each with a stable reason.
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    #[error("no job named {0:?}")]
+    UnknownJob(String),
+    #[error("job {job:?} is already running (run {run})")]
+    AlreadyRunning { job: String, run: i64 },
+    #[error("run {run} belongs to {owner}, not to agent {agent}")]
+    NotYourRun { run: i64, owner: String, agent: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl SchedulerError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SchedulerError::UnknownJob(_) => "unknown_job",
+            SchedulerError::AlreadyRunning { .. } => "already_running",
+            SchedulerError::NotYourRun { .. } => "not_your_run",
+            SchedulerError::Store(_) => "database",
+        }
+    }
+}
+
+/// A run created but not yet handed to its agent (jitter, or waiting for
+/// a free slot between its pair of sites).
+#[derive(Debug, Clone)]
+struct Pending {
+    run_id: i64,
+    job: String,
+    agent: String,
+    pair: (String, String),
+    ready_at: DateTime<Utc>,
+    deadline: f64,
+    kind: TaskKind,
+    attempt: u32,
+}
+
+struct Entry {
+    config: JobConfig,
+    site: String,
+    timer: JobTimer,
+    /// The run this job has going (queued, pending or on its agent).
+    run: Option<i64>,
+    /// Its site pair slot is taken while on the agent.
+    holds_slot: bool,
+    last_run_at: Option<f64>,
+    last_success_at: Option<f64>,
+    /// The timer's last fire as last saved.
+    saved_fire: Option<DateTime<Utc>>,
+}
+
+struct Inner {
+    config: Arc<ControllerConfig>,
+    jobs: BTreeMap<String, Entry>,
+    pending: Vec<Pending>,
+    outbox: HashMap<String, Vec<Task>>,
+    cancel: HashMap<String, Vec<i64>>,
+    slots: HashMap<(String, String), usize>,
+    /// Which job and pair a run on an agent belongs to.
+    on_agent: HashMap<i64, (String, (String, String))>,
+}
+
+pub struct Scheduler {
+    store: Arc<Store>,
+    inner: Mutex<Inner>,
+    /// Wakes the scheduler loop (a manual run, a result, a reload).
+    pub wake: Notify,
+    waiters: Mutex<HashMap<String, Arc<Notify>>>,
+}
+
+/// The state of one job for metrics.
+pub struct JobMetrics {
+    pub job: String,
+    pub site: String,
+    pub agent: String,
+    pub kind: &'static str,
+    pub next_run: Option<f64>,
+    pub expected_next_run: Option<f64>,
+    pub last_run: Option<f64>,
+    pub ever_succeeded: bool,
+    pub running: bool,
+    pub paused: bool,
+}
+
+fn random_unit() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(0);
+    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+fn run_info(r: RunRecord) -> RunInfo {
+    RunInfo {
+        id: r.id,
+        job: r.job,
+        kind: r.kind,
+        agents: r.agents,
+        trigger: r.trigger,
+        attempt: r.attempt,
+        status: r.status.as_str().to_string(),
+        created_at: r.created_at,
+        started_at: r.started_at,
+        finished_at: r.finished_at,
+        error: r.error,
+        exit_code: r.exit_code,
+        output_tail: r.output_tail,
+        bytes: r.bytes,
+        files: r.files,
+    }
+}
+
+impl Scheduler {
+    /// Loads the jobs' memory from the database, fails the runs a previous
+    /// controller process left open, and catches up missed fires.
+    pub fn start(store: Arc<Store>, config: Arc<ControllerConfig>, metrics: &Metrics, now: DateTime<Utc>) -> Result<Scheduler, StoreError> {
+        let interrupted = store.fail_open_runs("the controller restarted during the run; its result could not be followed", to_unix(now))?;
+        for run in &interrupted {
+            tracing::warn!(run = run.id, job = %run.job, "run interrupted by a controller restart, recorded as failed");
+            metrics.job_runs.with_label_values(&[&run.job, "failed"]).inc();
+        }
+        let scheduler = Scheduler {
+            store,
+            inner: Mutex::new(Inner {
+                config: config.clone(),
+                jobs: BTreeMap::new(),
+                pending: Vec::new(),
+                outbox: HashMap::new(),
+                cancel: HashMap::new(),
+                slots: HashMap::new(),
+                on_agent: HashMap::new(),
+            }),
+            wake: Notify::new(),
+            waiters: Mutex::new(HashMap::new()),
+        };
+        scheduler.apply_config(config, metrics, now)?;
+        Ok(scheduler)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn waiter(&self, agent: &str) -> Arc<Notify> {
+        let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        waiters.entry(agent.to_string()).or_insert_with(|| Arc::new(Notify::new())).clone()
+    }
+
+    /// Applies a (new) config: adds, updates and removes jobs. Runs going
+    /// on keep going; a changed schedule takes effect from now.
+    pub fn apply_config(&self, config: Arc<ControllerConfig>, metrics: &Metrics, now: DateTime<Utc>) -> Result<(), StoreError> {
+        let summaries: HashMap<String, (Option<f64>, Option<f64>)> = self
+            .store
+            .job_summaries()?
+            .into_iter()
+            .map(|(job, last, success)| (job, (last, success)))
+            .collect();
+        let mut inner = self.lock();
+        let tz = config.timezone;
+        let tz_changed = inner.config.timezone != tz;
+        inner.jobs.retain(|name, _| config.job(name).is_some());
+        let mut actions = Vec::new();
+        for job in &config.jobs {
+            let site = config.site_of(&job.agent).unwrap_or_default().to_string();
+            match inner.jobs.get_mut(&job.name) {
+                Some(entry) => {
+                    if entry.config.schedule != job.schedule || tz_changed {
+                        entry.timer.next_fire = job.schedule.as_ref().and_then(|s| s.next_after(now, tz));
+                    }
+                    entry.config = job.clone();
+                    entry.site = site;
+                }
+                None => {
+                    let row = self.store.job(&job.name, job.kind.as_str(), to_unix(now))?;
+                    let (timer, action) = JobTimer::start(job.schedule.as_ref(), tz, &job.policy, row.last_fire.map(to_time), row.paused, now);
+                    let (last_run_at, last_success_at) = summaries.get(&job.name).cloned().unwrap_or((None, None));
+                    let saved_fire = timer.last_fire;
+                    inner.jobs.insert(
+                        job.name.clone(),
+                        Entry {
+                            config: job.clone(),
+                            site,
+                            timer,
+                            run: None,
+                            holds_slot: false,
+                            last_run_at,
+                            last_success_at,
+                            saved_fire,
+                        },
+                    );
+                    if let Some(action) = action {
+                        tracing::info!(job = %job.name, "a fire was missed while the controller was down: catching up once");
+                        actions.push((job.name.clone(), action));
+                    }
+                }
+            }
+        }
+        inner.config = config;
+        self.apply_actions(&mut inner, actions, metrics, now)?;
+        drop(inner);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Turns timer actions into runs (one transaction) and pending tasks.
+    fn apply_actions(&self, inner: &mut Inner, actions: Vec<(String, Action)>, metrics: &Metrics, now: DateTime<Utc>) -> Result<(), StoreError> {
+        let mut starts = Vec::new();
+        for (job, action) in actions {
+            match action {
+                Action::Skip { reason, fire } => {
+                    metrics.job_skipped.with_label_values(&[&job, reason.as_str()]).inc();
+                    tracing::info!(%job, reason = reason.as_str(), fire = %fire, "fire skipped");
+                }
+                Action::Start { trigger, attempt, at } => starts.push((job, trigger, attempt, at)),
+            }
+        }
+        let fires: Vec<(String, f64)> = inner
+            .jobs
+            .iter_mut()
+            .filter(|(_, e)| e.timer.last_fire != e.saved_fire)
+            .filter_map(|(name, e)| {
+                e.saved_fire = e.timer.last_fire;
+                e.timer.last_fire.map(|f| (name.clone(), to_unix(f)))
+            })
+            .collect();
+        if starts.is_empty() && fires.is_empty() {
+            return Ok(());
+        }
+        let new_runs: Vec<NewRun<'_>> = starts
+            .iter()
+            .filter_map(|(job, trigger, attempt, _)| {
+                let entry = inner.jobs.get(job)?;
+                Some(NewRun {
+                    job: job.as_str(),
+                    kind: entry.config.kind.as_str(),
+                    agents: entry.config.agent.as_str(),
+                    trigger: trigger.as_str(),
+                    attempt: *attempt,
+                })
+            })
+            .collect();
+        let fire_refs: Vec<(&str, f64)> = fires.iter().map(|(j, f)| (j.as_str(), *f)).collect();
+        let ids = self.store.record_tick(&new_runs, &fire_refs, to_unix(now))?;
+        for ((job, trigger, attempt, at), run_id) in starts.into_iter().zip(ids) {
+            let Some(entry) = inner.jobs.get_mut(&job) else { continue };
+            entry.run = Some(run_id);
+            entry.last_run_at = Some(to_unix(at));
+            let JobKind::Command { command } = &entry.config.kind;
+            let deadline = to_unix(at) + entry.config.policy.max_runtime.as_secs_f64();
+            tracing::info!(%job, run = run_id, trigger = trigger.as_str(), attempt, "run created");
+            inner.pending.push(Pending {
+                run_id,
+                job: job.clone(),
+                agent: entry.config.agent.clone(),
+                pair: (entry.site.clone(), entry.site.clone()),
+                ready_at: at,
+                deadline,
+                kind: TaskKind::Command { name: command.clone() },
+                attempt,
+            });
+        }
+        Ok(())
+    }
+
+    /// Advances every job to `now`; returns when something is next due.
+    pub fn tick(&self, metrics: &Metrics, now: DateTime<Utc>) -> Result<DateTime<Utc>, StoreError> {
+        let mut inner = self.lock();
+        let tz = inner.config.timezone;
+        let random = random_unit();
+        let mut actions = Vec::new();
+        let mut timeouts = Vec::new();
+        for (name, entry) in inner.jobs.iter_mut() {
+            if entry.timer.timed_out(&entry.config.policy, now) {
+                if let Some(run) = entry.run {
+                    timeouts.push((name.clone(), run, entry.config.agent.clone(), entry.config.policy.max_runtime));
+                }
+            }
+            for action in entry.timer.tick(entry.config.schedule.as_ref(), tz, &entry.config.policy, now, random) {
+                actions.push((name.clone(), action));
+            }
+        }
+        for (job, run, agent, max_runtime) in timeouts {
+            let error = format!(
+                "no result from agent {agent} within max_runtime {}s: the run was stopped (the agent is told to cancel it when it next polls)",
+                max_runtime.as_secs()
+            );
+            self.store.finish_run(
+                run,
+                RunStatus::TimedOut,
+                &RunEnd {
+                    error: Some(error.clone()),
+                    ..RunEnd::default()
+                },
+                to_unix(now),
+            )?;
+            tracing::warn!(%job, run, %error, "run timed out");
+            metrics.job_runs.with_label_values(&[&job, "timed_out"]).inc();
+            metrics.job_timeouts.with_label_values(&[&job]).inc();
+            inner.cancel.entry(agent.clone()).or_default().push(run);
+            inner.pending.retain(|p| p.run_id != run);
+            if let Some(tasks) = inner.outbox.get_mut(&agent) {
+                tasks.retain(|t| t.run_id != run);
+            }
+            if let Some(action) = Self::end_run(&mut inner, &job, run, Outcome::TimedOut, None, random, now) {
+                actions.push((job.clone(), action));
+            }
+            self.notify_agent(&agent);
+        }
+        self.apply_actions(&mut inner, actions, metrics, now)?;
+        self.promote(&mut inner, metrics, now);
+
+        let mut next = now + chrono::Duration::seconds(1);
+        for entry in inner.jobs.values() {
+            let timer = &entry.timer;
+            let candidates = [timer.next_fire, timer.retry.map(|(at, _)| at)];
+            for at in candidates.into_iter().flatten() {
+                next = next.min(at);
+            }
+        }
+        for p in &inner.pending {
+            next = next.min(p.ready_at);
+        }
+        Ok(next.max(now))
+    }
+
+    /// Moves pending runs whose time has come, and whose pair of sites has
+    /// a free slot, into their agent's outbox.
+    fn promote(&self, inner: &mut Inner, metrics: &Metrics, now: DateTime<Utc>) {
+        let limit = inner.config.concurrent_runs_per_site_pair;
+        let mut waiting = Vec::new();
+        let pending = std::mem::take(&mut inner.pending);
+        let mut woken = Vec::new();
+        for p in pending {
+            let used = inner.slots.get(&p.pair).copied().unwrap_or(0);
+            if p.ready_at > now || used >= limit {
+                waiting.push(p);
+                continue;
+            }
+            *inner.slots.entry(p.pair.clone()).or_default() += 1;
+            if let Some(entry) = inner.jobs.get_mut(&p.job) {
+                entry.holds_slot = true;
+            }
+            metrics
+                .dispatch_delay
+                .observe((now - p.ready_at).num_milliseconds().max(0) as f64 / 1000.0);
+            inner.on_agent.insert(p.run_id, (p.job.clone(), p.pair.clone()));
+            inner.outbox.entry(p.agent.clone()).or_default().push(Task {
+                run_id: p.run_id,
+                job: p.job.clone(),
+                attempt: p.attempt,
+                deadline: p.deadline,
+                kind: p.kind.clone(),
+            });
+            woken.push(p.agent);
+        }
+        inner.pending = waiting;
+        for agent in woken {
+            self.notify_agent(&agent);
+        }
+    }
+
+    fn notify_agent(&self, agent: &str) {
+        self.waiter(agent).notify_one();
+    }
+
+    /// Bookkeeping when a run ends; returns the timer's follow-up.
+    fn end_run(inner: &mut Inner, job: &str, run: i64, outcome: Outcome, started: Option<f64>, random: f64, now: DateTime<Utc>) -> Option<Action> {
+        if let Some((_, pair)) = inner.on_agent.remove(&run) {
+            if let Some(used) = inner.slots.get_mut(&pair) {
+                *used = used.saturating_sub(1);
+            }
+        }
+        let entry = inner.jobs.get_mut(job)?;
+        if entry.run != Some(run) {
+            return None;
+        }
+        entry.run = None;
+        entry.holds_slot = false;
+        if outcome == Outcome::Succeeded {
+            entry.last_success_at = started.or(entry.last_run_at);
+        }
+        entry.timer.finished(outcome, &entry.config.policy, now, random)
+    }
+
+    /// What an agent's long poll gets right now (possibly nothing).
+    pub fn take_tasks(&self, agent: &str, now: DateTime<Utc>) -> Result<TaskPoll, StoreError> {
+        let mut inner = self.lock();
+        let tasks = inner.outbox.remove(agent).unwrap_or_default();
+        let cancel = inner.cancel.remove(agent).unwrap_or_default();
+        if !tasks.is_empty() {
+            let ids: Vec<i64> = tasks.iter().map(|t| t.run_id).collect();
+            self.store.mark_running_many(&ids, to_unix(now))?;
+        }
+        Ok(TaskPoll { tasks, cancel })
+    }
+
+    /// Long poll: waits up to `wait` for work for `agent`.
+    pub async fn poll(&self, agent: &str, wait: Duration) -> Result<TaskPoll, StoreError> {
+        let waiter = self.waiter(agent);
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = waiter.notified();
+            let poll = self.take_tasks(agent, Utc::now())?;
+            if !poll.tasks.is_empty() || !poll.cancel.is_empty() {
+                return Ok(poll);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(TaskPoll::default());
+            }
+        }
+    }
+
+    /// Records a result sent by `agent`, exactly once.
+    pub fn record_result(&self, agent: &str, result: &TaskResult, metrics: &Metrics, now: DateTime<Utc>) -> Result<bool, SchedulerError> {
+        let Some(run) = self.store.run(result.run_id)? else {
+            // Pruned or unknown: acknowledge so the agent's spool drains.
+            tracing::warn!(%agent, run = result.run_id, "result for an unknown run acknowledged and dropped");
+            return Ok(false);
+        };
+        if run.agents != agent {
+            return Err(SchedulerError::NotYourRun {
+                run: run.id,
+                owner: run.agents,
+                agent: agent.to_string(),
+            });
+        }
+        let (status, outcome) = match result.outcome {
+            TaskOutcome::Succeeded => (RunStatus::Succeeded, Outcome::Succeeded),
+            TaskOutcome::Failed => (RunStatus::Failed, Outcome::Failed),
+        };
+        let end = RunEnd {
+            error: result.error.clone(),
+            exit_code: result.exit_code,
+            output_tail: Some(result.output_tail.clone()),
+            bytes: result.bytes,
+            files: result.files,
+            started_at: Some(result.started_at),
+        };
+        let mut inner = self.lock();
+        let recorded = self.store.finish_run(run.id, status, &end, to_unix(now))?;
+        if !recorded {
+            tracing::info!(%agent, run = run.id, "result resent for a run already recorded; acknowledged again");
+            return Ok(false);
+        }
+        metrics.job_runs.with_label_values(&[&run.job, status.as_str()]).inc();
+        tracing::info!(job = %run.job, run = run.id, status = status.as_str(), error = result.error.as_deref().unwrap_or(""), "run finished");
+        let follow_up = Self::end_run(&mut inner, &run.job, run.id, outcome, Some(result.started_at), random_unit(), now);
+        if let Some(action) = follow_up {
+            self.apply_actions(&mut inner, vec![(run.job.clone(), action)], metrics, now)?;
+        }
+        drop(inner);
+        self.wake.notify_one();
+        Ok(true)
+    }
+
+    /// An operator's "run now".
+    pub fn run_now(&self, job: &str, metrics: &Metrics, now: DateTime<Utc>) -> Result<i64, SchedulerError> {
+        let mut inner = self.lock();
+        let entry = inner.jobs.get_mut(job).ok_or_else(|| SchedulerError::UnknownJob(job.to_string()))?;
+        let action = entry.timer.run_now(now).map_err(|_| SchedulerError::AlreadyRunning {
+            job: job.to_string(),
+            run: entry.run.unwrap_or(0),
+        })?;
+        self.apply_actions(&mut inner, vec![(job.to_string(), action)], metrics, now)?;
+        let run = inner.jobs.get(job).and_then(|e| e.run).unwrap_or(0);
+        drop(inner);
+        self.wake.notify_one();
+        Ok(run)
+    }
+
+    pub fn set_paused(&self, job: &str, paused: bool) -> Result<(), SchedulerError> {
+        let mut inner = self.lock();
+        let entry = inner.jobs.get_mut(job).ok_or_else(|| SchedulerError::UnknownJob(job.to_string()))?;
+        entry.timer.paused = paused;
+        self.store.set_paused(job, paused)?;
+        Ok(())
+    }
+
+    pub fn jobs(&self) -> Result<Vec<JobStatus>, StoreError> {
+        let rows: Vec<(JobStatus, bool)> = {
+            let inner = self.lock();
+            inner
+                .jobs
+                .iter()
+                .map(|(name, e)| {
+                    (
+                        JobStatus {
+                            name: name.clone(),
+                            kind: e.config.kind.as_str().to_string(),
+                            agent: e.config.agent.clone(),
+                            site: e.site.clone(),
+                            schedule: e.config.schedule.as_ref().map(|s| s.source().to_string()),
+                            paused: e.timer.paused,
+                            next_fire: e.timer.next_fire.map(to_unix),
+                            running_run: e.run,
+                            last_run: None,
+                        },
+                        e.run.is_some() || e.last_run_at.is_some(),
+                    )
+                })
+                .collect()
+        };
+        rows.into_iter()
+            .map(|(mut job, has_runs)| {
+                if has_runs {
+                    job.last_run = self.store.runs_of(&job.name, 1)?.into_iter().next().map(run_info);
+                }
+                Ok(job)
+            })
+            .collect()
+    }
+
+    pub fn history(&self, job: &str, limit: u32) -> Result<Vec<RunInfo>, SchedulerError> {
+        if !self.lock().jobs.contains_key(job) && self.store.runs_of(job, 1)?.is_empty() {
+            return Err(SchedulerError::UnknownJob(job.to_string()));
+        }
+        Ok(self.store.runs_of(job, limit)?.into_iter().map(run_info).collect())
+    }
+
+    pub fn run(&self, id: i64) -> Result<Option<RunInfo>, StoreError> {
+        Ok(self.store.run(id)?.map(run_info))
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn job_metrics(&self) -> Vec<JobMetrics> {
+        let inner = self.lock();
+        let tz = inner.config.timezone;
+        inner
+            .jobs
+            .iter()
+            .map(|(name, e)| {
+                // When a run should have started by, counted from the last
+                // success (or from when the job appeared): alerts compare
+                // it with time() instead of hard-coding ages.
+                let baseline = e.last_success_at.map(to_time).or(e.saved_fire);
+                let expected = match (&e.config.schedule, baseline) {
+                    (Some(s), Some(base)) => s.next_after(base, tz).map(to_unix),
+                    _ => None,
+                };
+                JobMetrics {
+                    job: name.clone(),
+                    site: e.site.clone(),
+                    agent: e.config.agent.clone(),
+                    kind: e.config.kind.as_str(),
+                    next_run: e.timer.next_fire.map(to_unix),
+                    expected_next_run: expected,
+                    last_run: e.last_run_at,
+                    ever_succeeded: e.last_success_at.is_some(),
+                    running: e.run.is_some(),
+                    paused: e.timer.paused,
+                }
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,260 @@
+//! Jobs from the command line: list, run now (and follow), pause, resume,
+//! history, one run, reload, and a preview of the schedules.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::bail;
+use chrono::{TimeZone, Utc};
+use clap::Args;
+use dicops_config::ControllerConfig;
+use dicops_proto::{JobStatus, RunInfo, RunStarted};
+
+use super::api::Api;
+use super::human_age;
+
+#[derive(Debug, Args)]
+pub struct CliArgs {
+    /// CLI config: the controller's URL and an operator certificate.
+    #[arg(long, short, default_value = "/etc/dicops/cli.yaml", env = "DICOPS_CLI_CONFIG")]
+    pub config: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub cli: CliArgs,
+    /// The job to run now.
+    pub job: String,
+    /// Wait and show the run's progress until it ends (exit 1 if it fails).
+    #[arg(long, short)]
+    pub follow: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct JobArgs {
+    #[command(flatten)]
+    pub cli: CliArgs,
+    pub job: String,
+}
+
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    #[command(flatten)]
+    pub cli: CliArgs,
+    pub job: String,
+    /// How many runs, newest first.
+    #[arg(long, default_value_t = 20)]
+    pub limit: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    #[command(flatten)]
+    pub cli: CliArgs,
+    /// The run id.
+    pub run: i64,
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// The controller config whose schedules to preview.
+    #[arg(default_value = "/etc/dicops/controller.yaml")]
+    pub file: PathBuf,
+    /// Fires to show per job.
+    #[arg(long, default_value_t = 5)]
+    pub count: usize,
+}
+
+fn time(unix: f64) -> String {
+    Utc.timestamp_opt(unix as i64, 0)
+        .single()
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+        .unwrap_or_else(|| "-".into())
+}
+
+fn now() -> f64 {
+    Utc::now().timestamp_millis() as f64 / 1000.0
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+pub async fn list(args: CliArgs) -> anyhow::Result<ExitCode> {
+    let mut api = Api::from_file(&args.config)?;
+    let jobs: Vec<JobStatus> = api.get(dicops_proto::JOBS_PATH).await?;
+    if args.json {
+        print_json(&jobs)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let now = now();
+    println!("{:<24} {:<5} {:<10} {:<14} {:<22} LAST RUN", "JOB", "SITE", "AGENT", "SCHEDULE", "NEXT FIRE");
+    for job in jobs {
+        let next = match (job.paused, job.next_fire) {
+            (true, _) => "paused".to_string(),
+            (false, Some(at)) => format!("in {}", human_age(at - now)),
+            (false, None) => "manual only".to_string(),
+        };
+        let last = match (&job.last_run, job.running_run) {
+            (_, Some(id)) => format!("running (run {id})"),
+            (Some(run), None) => format!("{} {} ago (run {})", run.status, human_age(now - run.created_at), run.id),
+            (None, None) => "never".into(),
+        };
+        println!(
+            "{:<24} {:<5} {:<10} {:<14} {:<22} {last}",
+            job.name,
+            job.site,
+            job.agent,
+            job.schedule.unwrap_or_else(|| "-".into()),
+            next
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn describe(run: &RunInfo) -> String {
+    let mut text = format!(
+        "run {} of {} ({}, attempt {}): {}\n  created  {}\n",
+        run.id,
+        run.job,
+        run.trigger,
+        run.attempt,
+        run.status,
+        time(run.created_at)
+    );
+    if let Some(at) = run.started_at {
+        text.push_str(&format!("  started  {}\n", time(at)));
+    }
+    if let Some(at) = run.finished_at {
+        let took = run.started_at.map(|s| format!(" (took {})", human_age(at - s))).unwrap_or_default();
+        text.push_str(&format!("  finished {}{took}\n", time(at)));
+    }
+    if let Some(code) = run.exit_code {
+        text.push_str(&format!("  exit code {code}\n"));
+    }
+    if let Some(error) = &run.error {
+        text.push_str(&format!("  error: {error}\n"));
+    }
+    if let Some(tail) = run.output_tail.as_deref().filter(|t| !t.trim().is_empty()) {
+        text.push_str("  output (tail):\n");
+        for line in tail.lines() {
+            text.push_str(&format!("    {line}\n"));
+        }
+    }
+    text
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let mut api = Api::from_file(&args.cli.config)?;
+    let started: RunStarted = api.post(&format!("{}/{}/run", dicops_proto::JOBS_PATH, args.job)).await?;
+    if !args.follow {
+        println!("started run {} of {}", started.run_id, args.job);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("started run {} of {}; following (Ctrl-C stops following, not the run)", started.run_id, args.job);
+    let begun = std::time::Instant::now();
+    let mut last_status = String::new();
+    loop {
+        let run: RunInfo = api.get(&format!("{}/{}", dicops_proto::RUNS_PATH, started.run_id)).await?;
+        let finished = !matches!(run.status.as_str(), "queued" | "running");
+        if run.status != last_status || finished {
+            println!("[{:>6}] {}", human_age(begun.elapsed().as_secs_f64()), run.status);
+            last_status = run.status.clone();
+        }
+        if finished {
+            print!("{}", describe(&run));
+            return Ok(if run.status == "succeeded" { ExitCode::SUCCESS } else { ExitCode::from(1) });
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+pub async fn pause(args: JobArgs, paused: bool) -> anyhow::Result<ExitCode> {
+    let mut api = Api::from_file(&args.cli.config)?;
+    let action = if paused { "pause" } else { "resume" };
+    let _: serde_json::Value = api.post(&format!("{}/{}/{action}", dicops_proto::JOBS_PATH, args.job)).await?;
+    println!("{} {}", args.job, if paused { "paused" } else { "resumed" });
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn history(args: HistoryArgs) -> anyhow::Result<ExitCode> {
+    let mut api = Api::from_file(&args.cli.config)?;
+    let runs: Vec<RunInfo> = api
+        .get(&format!("{}/{}/runs?limit={}", dicops_proto::JOBS_PATH, args.job, args.limit))
+        .await?;
+    if args.cli.json {
+        print_json(&runs)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{:<8} {:<10} {:<8} {:<23} {:<9} ERROR", "RUN", "STATUS", "TRIGGER", "STARTED", "TOOK");
+    for run in runs {
+        let took = match (run.started_at, run.finished_at) {
+            (Some(s), Some(f)) => human_age(f - s),
+            _ => "-".into(),
+        };
+        println!(
+            "{:<8} {:<10} {:<8} {:<23} {:<9} {}",
+            run.id,
+            run.status,
+            run.trigger,
+            time(run.started_at.unwrap_or(run.created_at)),
+            took,
+            run.error.unwrap_or_default()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
+    let mut api = Api::from_file(&args.cli.config)?;
+    let run: RunInfo = api.get(&format!("{}/{}", dicops_proto::RUNS_PATH, args.run)).await?;
+    if args.cli.json {
+        print_json(&run)?;
+    } else {
+        print!("{}", describe(&run));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn reload(args: CliArgs) -> anyhow::Result<ExitCode> {
+    let mut api = Api::from_file(&args.config)?;
+    let _: serde_json::Value = api.post(dicops_proto::RELOAD_PATH).await?;
+    println!("the controller reloaded its configuration");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Previews the next fires of every job, in the deployment's timezone,
+/// from a config file (nothing needs to run).
+pub fn plan(args: PlanArgs) -> anyhow::Result<ExitCode> {
+    let config = match ControllerConfig::load(&args.file) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    if config.jobs.is_empty() {
+        bail!("{} defines no jobs", args.file.display());
+    }
+    let tz = config.timezone;
+    println!("next fires in {} (deployment timezone)", tz.name());
+    let now = Utc::now();
+    for job in &config.jobs {
+        match &job.schedule {
+            None => println!("\n{} on {}: no schedule (runs only with `dicops run`)", job.name, job.agent),
+            Some(schedule) => {
+                println!("\n{} on {} ({}):", job.name, job.agent, schedule.source());
+                for fire in schedule.upcoming(now, tz, args.count) {
+                    println!("  {}", fire.with_timezone(&tz).format("%a %Y-%m-%d %H:%M:%S %Z"));
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
