@@ -36,19 +36,12 @@ fn example_configs_are_valid() {
             files.push(copy.to_string_lossy().into_owned());
         }
     }
-    assert!(
-        files.len() >= 4,
-        "expected controller, two agents and a CLI example"
-    );
+    assert!(files.len() >= 4, "expected controller, two agents and a CLI example");
     let mut args = vec!["check-config"];
     args.extend(files.iter().map(String::as_str));
     let out = dicops(&args);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("controller: 2 sites, 4 agents"), "{stdout}");
     assert!(
         stdout.contains("agent db01 reporting to https://controller.dc2.example.org:9443"),
@@ -71,9 +64,7 @@ fn broken_configs_fail_with_their_expected_message() {
         .collect();
     entries.sort();
     for path in entries {
-        let text = std::fs::read_to_string(&path)
-            .expect("read")
-            .replace("PKI", pki_dir);
+        let text = std::fs::read_to_string(&path).expect("read").replace("PKI", pki_dir);
         let expect = text
             .lines()
             .next()

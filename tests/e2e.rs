@@ -14,22 +14,13 @@ fn two_sites_report_and_show_up_on_metrics_status_and_cli() {
         .iter()
         .map(|a| d.start_agent(a))
         .collect();
-    d.wait_agents_up(
-        &["db01", "app01", "backup01", "app02"],
-        Duration::from_secs(30),
-    );
+    d.wait_agents_up(&["db01", "app01", "backup01", "app02"], Duration::from_secs(30));
 
     let metrics = d.metrics();
     harness::promtool_check_metrics(&metrics);
     for site in ["dc1", "dc2"] {
-        assert_eq!(
-            sample(&metrics, "dicops_site_reachable", &[("site", site)]),
-            Some(1.0)
-        );
-        assert_eq!(
-            sample(&metrics, "dicops_site_agents_up", &[("site", site)]),
-            Some(2.0)
-        );
+        assert_eq!(sample(&metrics, "dicops_site_reachable", &[("site", site)]), Some(1.0));
+        assert_eq!(sample(&metrics, "dicops_site_agents_up", &[("site", site)]), Some(2.0));
     }
     // Hosts are labelled with site and agent, never `instance`.
     let memory = sample(
@@ -40,12 +31,7 @@ fn two_sites_report_and_show_up_on_metrics_status_and_cli() {
     .expect("memory");
     assert!(memory > 0.0);
     assert!(!metrics.contains("instance=\""));
-    let cpu = sample(
-        &metrics,
-        "dicops_host_cpu_usage_ratio",
-        &[("agent", "db01")],
-    )
-    .expect("cpu");
+    let cpu = sample(&metrics, "dicops_host_cpu_usage_ratio", &[("agent", "db01")]).expect("cpu");
     assert!((0.0..=1.0).contains(&cpu));
     assert!(sample(
         &metrics,
@@ -97,18 +83,13 @@ fn two_sites_report_and_show_up_on_metrics_status_and_cli() {
 
     let cli = d.cli_yaml();
     let out = dicops(&["status", "--config", cli.to_str().expect("utf8")]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("SITE dc1: 2/2 agents up"), "{text}");
     assert!(text.contains("SITE dc2: 2/2 agents up"), "{text}");
     for agent in ["db01", "app01", "backup01", "app02"] {
         assert!(
-            text.lines()
-                .any(|l| l.contains(agent) && l.contains(" up ")),
+            text.lines().any(|l| l.contains(agent) && l.contains(" up ")),
             "{agent} in\n{text}"
         );
     }
@@ -131,29 +112,15 @@ fn silent_agents_go_down_and_a_silent_site_is_unreachable() {
         let m = d.metrics();
         (sample(&m, "dicops_site_reachable", &[("site", "dc1")]) == Some(0.0)).then_some(m)
     });
-    assert_eq!(
-        sample(&metrics, "dicops_agent_up", &[("agent", "db01")]),
-        Some(0.0)
-    );
-    assert_eq!(
-        sample(&metrics, "dicops_agent_up", &[("agent", "app01")]),
-        Some(0.0)
-    );
+    assert_eq!(sample(&metrics, "dicops_agent_up", &[("agent", "db01")]), Some(0.0));
+    assert_eq!(sample(&metrics, "dicops_agent_up", &[("agent", "app01")]), Some(0.0));
     // Their host gauges are no longer exported: a silent host never looks healthy.
     assert_eq!(
-        sample(
-            &metrics,
-            "dicops_host_cpu_usage_ratio",
-            &[("agent", "db01")]
-        ),
+        sample(&metrics, "dicops_host_cpu_usage_ratio", &[("agent", "db01")]),
         None
     );
     assert_eq!(
-        sample(
-            &metrics,
-            "dicops_host_memory_available_bytes",
-            &[("agent", "app01")]
-        ),
+        sample(&metrics, "dicops_host_memory_available_bytes", &[("agent", "app01")]),
         None
     );
     // Their last report time stays, so an operator sees how long ago it was.
@@ -164,14 +131,8 @@ fn silent_agents_go_down_and_a_silent_site_is_unreachable() {
     )
     .is_some());
     // The other site is fine.
-    assert_eq!(
-        sample(&metrics, "dicops_site_reachable", &[("site", "dc2")]),
-        Some(1.0)
-    );
-    assert_eq!(
-        sample(&metrics, "dicops_agent_up", &[("agent", "backup01")]),
-        Some(1.0)
-    );
+    assert_eq!(sample(&metrics, "dicops_site_reachable", &[("site", "dc2")]), Some(1.0));
+    assert_eq!(sample(&metrics, "dicops_agent_up", &[("agent", "backup01")]), Some(1.0));
 
     let status = d.status();
     let dc1 = status.sites.iter().find(|s| s.name == "dc1").expect("dc1");
@@ -179,10 +140,7 @@ fn silent_agents_go_down_and_a_silent_site_is_unreachable() {
     let cli = d.cli_yaml();
     let out = dicops(&["status", "--config", cli.to_str().expect("utf8")]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains("SITE dc1: UNREACHABLE: 0/2 agents up"),
-        "{text}"
-    );
+    assert!(text.contains("SITE dc1: UNREACHABLE: 0/2 agents up"), "{text}");
 }
 
 #[test]
@@ -265,33 +223,23 @@ fn certificates_are_renewed_without_restart() {
     // Renew both with a shorter validity, so the new expiry is recognisable.
     d.pki.issue(&["--agent", "db01", "--days", "30"]);
     d.pki.issue(&["--controller", "--days", "31"]);
-    wait_until(
-        Duration::from_secs(30),
-        "renewed certificates in use",
-        || {
-            let m = d.metrics();
-            let agent_now = sample(
-                &m,
-                "dicops_tls_certificate_expiry_timestamp_seconds",
-                &[("cert", "agent")],
-            )?;
-            let controller_now = sample(
-                &m,
-                "dicops_tls_certificate_expiry_timestamp_seconds",
-                &[("cert", "controller")],
-            )?;
-            (agent_now < old_agent - 300.0 * 86400.0
-                && controller_now < old_controller - 300.0 * 86400.0)
-                .then_some(())
-        },
-    );
+    wait_until(Duration::from_secs(30), "renewed certificates in use", || {
+        let m = d.metrics();
+        let agent_now = sample(
+            &m,
+            "dicops_tls_certificate_expiry_timestamp_seconds",
+            &[("cert", "agent")],
+        )?;
+        let controller_now = sample(
+            &m,
+            "dicops_tls_certificate_expiry_timestamp_seconds",
+            &[("cert", "controller")],
+        )?;
+        (agent_now < old_agent - 300.0 * 86400.0 && controller_now < old_controller - 300.0 * 86400.0).then_some(())
+    });
     assert!(agent.log_text().contains("reloaded TLS certificates"));
     assert_eq!(
-        sample(
-            &d.metrics(),
-            "dicops_tls_reloads_total",
-            &[("result", "success")]
-        ),
+        sample(&d.metrics(), "dicops_tls_reloads_total", &[("result", "success")]),
         Some(1.0)
     );
 }
@@ -303,39 +251,25 @@ fn sighup_reloads_the_inventory_and_a_bad_file_keeps_the_old_one() {
     let config = d.path("controller.yaml");
     std::fs::write(
         &config,
-        d.controller_yaml()
-            .replace("  - id: app01\n    site: dc1\n", ""),
+        d.controller_yaml().replace("  - id: app01\n    site: dc1\n", ""),
     )
     .expect("write");
     let controller = d.start_controller();
     let app01 = d.start_agent("app01");
     wait_until(Duration::from_secs(20), "app01 refused as unknown", || {
         let m = d.metrics();
-        (sample(
-            &m,
-            "dicops_requests_rejected_total",
-            &[("reason", "unknown_agent")],
-        )
-        .unwrap_or(0.0)
-            >= 1.0)
+        (sample(&m, "dicops_requests_rejected_total", &[("reason", "unknown_agent")]).unwrap_or(0.0) >= 1.0)
             .then_some(())
     });
-    assert!(
-        app01.log_text().contains("unknown_agent"),
-        "{}",
-        app01.log_text()
-    );
+    assert!(app01.log_text().contains("unknown_agent"), "{}", app01.log_text());
 
     // A broken edit: refused, the old config keeps running.
     std::fs::write(&config, "sites: [\n").expect("write");
     controller.signal("HUP");
     wait_until(Duration::from_secs(10), "reload failure visible", || {
-        (sample(&d.metrics(), "dicops_config_last_reload_successful", &[]) == Some(0.0))
-            .then_some(())
+        (sample(&d.metrics(), "dicops_config_last_reload_successful", &[]) == Some(0.0)).then_some(())
     });
-    assert!(controller
-        .log_text()
-        .contains("configuration reload failed"));
+    assert!(controller.log_text().contains("configuration reload failed"));
 
     // The fixed file with app01 added: app01 is accepted without any restart.
     std::fs::write(&config, d.controller_yaml()).expect("write");
@@ -352,11 +286,7 @@ fn an_agent_with_someone_elses_certificate_refuses_to_start() {
     let d = Deployment::new(&[("dc1", &["db01", "app01"])]);
     let config = d.path("agent.yaml");
     // db01's config pointing at app01's certificate.
-    std::fs::write(
-        &config,
-        d.agent_yaml("db01").replace("agent-db01", "agent-app01"),
-    )
-    .expect("write");
+    std::fs::write(&config, d.agent_yaml("db01").replace("agent-db01", "agent-app01")).expect("write");
     let out = std::process::Command::new(harness::bin("dicops-agent"))
         .args(["--config", config.to_str().expect("utf8")])
         .output()
@@ -387,10 +317,7 @@ fn check_link_names_the_failing_step() {
     let out = dicops(&["check-link", "--config", agent_config]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
-    assert!(
-        text.contains("ok    identity  peer is controller"),
-        "{text}"
-    );
+    assert!(text.contains("ok    identity  peer is controller"), "{text}");
     assert!(text.contains("link ok"), "{text}");
 
     // A certificate from another deployment's CA: the TLS step fails.
@@ -423,25 +350,14 @@ fn demo_starts_two_sites_and_stops_cleanly() {
         .output()
         .expect("run demo");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(
         text.contains("SITE dc1 (primary data integration centre): 2/2 agents up"),
         "{text}"
     );
-    assert!(
-        text.contains("SITE dc2 (second site): 2/2 agents up"),
-        "{text}"
-    );
+    assert!(text.contains("SITE dc2 (second site): 2/2 agents up"), "{text}");
     assert!(text.contains("/metrics"), "{text}");
-    for name in [
-        "controller stopped",
-        "agent db01 stopped",
-        "agent app02 stopped",
-    ] {
+    for name in ["controller stopped", "agent db01 stopped", "agent app02 stopped"] {
         assert!(text.contains(name), "{name} in {text}");
     }
     // The temporary folder is removed.
@@ -449,10 +365,7 @@ fn demo_starts_two_sites_and_stops_cleanly() {
         .lines()
         .find_map(|l| l.split("files in ").nth(1))
         .expect("folder line");
-    assert!(
-        !std::path::Path::new(dir.trim()).exists(),
-        "{dir} left behind"
-    );
+    assert!(!std::path::Path::new(dir.trim()).exists(), "{dir} left behind");
 }
 
 #[test]

@@ -52,18 +52,15 @@ async fn post_without_certificate(d: &Deployment, path: &str) -> (StatusCode, Ve
         .connect("localhost".try_into().expect("name"), tcp)
         .await
         .expect("the handshake itself succeeds without a client certificate");
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-            .await
-            .expect("http");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .expect("http");
     tokio::spawn(conn);
     let request = hyper::Request::builder()
         .method(Method::POST)
         .uri(path)
         .header("host", "localhost")
-        .body(http_body_util::Full::new(hyper::body::Bytes::from(report(
-            "db01", 1,
-        ))))
+        .body(http_body_util::Full::new(hyper::body::Bytes::from(report("db01", 1))))
         .expect("request");
     let response = sender.send_request(request).await.expect("response");
     let status = response.status();
@@ -120,10 +117,9 @@ fn bad_clients_are_refused_clearly_and_counted() {
             Err(e) => Err(e.to_string()),
             Ok(tls) => {
                 // TLS 1.3: the server's verdict arrives with the first read.
-                let (mut sender, conn) =
-                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-                        .await
-                        .map_err(|e| e.to_string())?;
+                let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                    .await
+                    .map_err(|e| e.to_string())?;
                 tokio::spawn(conn);
                 let request = hyper::Request::get("/healthz")
                     .header("host", "localhost")
@@ -145,11 +141,7 @@ fn bad_clients_are_refused_clearly_and_counted() {
     // 3. An agent reporting as another agent.
     let mut db01 = d.client("agent-db01");
     let (status, body) = rt
-        .block_on(db01.request(
-            Method::POST,
-            dicops_proto::REPORT_PATH,
-            Some(report("app01", 1)),
-        ))
+        .block_on(db01.request(Method::POST, dicops_proto::REPORT_PATH, Some(report("app01", 1))))
         .expect("request");
     assert_eq!(
         refusal(status, &body),
@@ -159,16 +151,9 @@ fn bad_clients_are_refused_clearly_and_counted() {
     // 4. An agent with a valid certificate that is not in the inventory.
     let mut ghost = d.client("agent-ghost");
     let (status, body) = rt
-        .block_on(ghost.request(
-            Method::POST,
-            dicops_proto::REPORT_PATH,
-            Some(report("ghost", 1)),
-        ))
+        .block_on(ghost.request(Method::POST, dicops_proto::REPORT_PATH, Some(report("ghost", 1))))
         .expect("request");
-    assert_eq!(
-        refusal(status, &body),
-        (StatusCode::FORBIDDEN, "unknown_agent".into())
-    );
+    assert_eq!(refusal(status, &body), (StatusCode::FORBIDDEN, "unknown_agent".into()));
 
     // 5. An oversized body (the limit in this deployment is 64 KiB).
     let big = vec![b' '; 65 * 1024];
@@ -189,72 +174,38 @@ fn bad_clients_are_refused_clearly_and_counted() {
             Some(b"{\"agent\": \"db01\", ".to_vec()),
         ))
         .expect("request");
-    assert_eq!(
-        refusal(status, &body),
-        (StatusCode::BAD_REQUEST, "malformed".into())
-    );
+    assert_eq!(refusal(status, &body), (StatusCode::BAD_REQUEST, "malformed".into()));
 
     // 7. Roles: an operator cannot report, an agent cannot read the metrics or status.
     let mut operator = d.operator();
     let (status, body) = rt
-        .block_on(operator.request(
-            Method::POST,
-            dicops_proto::REPORT_PATH,
-            Some(report("db01", 1)),
-        ))
+        .block_on(operator.request(Method::POST, dicops_proto::REPORT_PATH, Some(report("db01", 1))))
         .expect("request");
-    assert_eq!(
-        refusal(status, &body),
-        (StatusCode::FORBIDDEN, "wrong_role".into())
-    );
+    assert_eq!(refusal(status, &body), (StatusCode::FORBIDDEN, "wrong_role".into()));
     let (status, body) = rt
         .block_on(db01.request(Method::GET, dicops_proto::STATUS_PATH, None))
         .expect("request");
-    assert_eq!(
-        refusal(status, &body),
-        (StatusCode::FORBIDDEN, "wrong_role".into())
-    );
+    assert_eq!(refusal(status, &body), (StatusCode::FORBIDDEN, "wrong_role".into()));
 
     // 8. A replayed report from the same agent process does not roll state back.
     let (status, _) = rt
-        .block_on(db01.request(
-            Method::POST,
-            dicops_proto::REPORT_PATH,
-            Some(report("db01", 5)),
-        ))
+        .block_on(db01.request(Method::POST, dicops_proto::REPORT_PATH, Some(report("db01", 5))))
         .expect("request");
     assert_eq!(status, StatusCode::OK);
     let (status, body) = rt
-        .block_on(db01.request(
-            Method::POST,
-            dicops_proto::REPORT_PATH,
-            Some(report("db01", 4)),
-        ))
+        .block_on(db01.request(Method::POST, dicops_proto::REPORT_PATH, Some(report("db01", 4))))
         .expect("request");
-    assert_eq!(
-        refusal(status, &body),
-        (StatusCode::CONFLICT, "stale_report".into())
-    );
+    assert_eq!(refusal(status, &body), (StatusCode::CONFLICT, "stale_report".into()));
 
     // The controller keeps serving: a good report is accepted, and app01 is up.
     let mut app01 = d.client("agent-app01");
     let (status, _) = rt
-        .block_on(app01.request(
-            Method::POST,
-            dicops_proto::REPORT_PATH,
-            Some(report("app01", 1)),
-        ))
+        .block_on(app01.request(Method::POST, dicops_proto::REPORT_PATH, Some(report("app01", 1))))
         .expect("request");
     assert_eq!(status, StatusCode::OK);
     let metrics = d.metrics();
-    assert_eq!(
-        sample(&metrics, "dicops_agent_up", &[("agent", "app01")]),
-        Some(1.0)
-    );
-    assert_eq!(
-        sample(&metrics, "dicops_reports_accepted_total", &[]),
-        Some(2.0)
-    );
+    assert_eq!(sample(&metrics, "dicops_agent_up", &[("agent", "app01")]), Some(1.0));
+    assert_eq!(sample(&metrics, "dicops_reports_accepted_total", &[]), Some(2.0));
 
     // Every refusal is counted by reason.
     for reason in [
@@ -308,9 +259,7 @@ fn a_client_that_is_not_tls_at_all_is_counted_and_ignored() {
     let d = Deployment::new(&[("dc1", &["db01"])]);
     let _controller = d.start_controller();
     let mut plain = std::net::TcpStream::connect(("127.0.0.1", d.port)).expect("connect");
-    plain
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
+    plain.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
     plain
         .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
         .expect("write");

@@ -106,11 +106,12 @@ impl Running {
 /// Starts collecting and reporting until `shutdown`.
 pub fn start(config: AgentConfig, shutdown: CancellationToken) -> Result<Running, StartError> {
     let tls = load_tls(&config)?;
-    let client = HttpsClient::new(&config.controller_url, Identity::Controller, tls.clone())
-        .map_err(|source| StartError::Url {
+    let client = HttpsClient::new(&config.controller_url, Identity::Controller, tls.clone()).map_err(|source| {
+        StartError::Url {
             file: config.source.clone(),
             source,
-        })?;
+        }
+    })?;
 
     let spool_error = |source| StartError::Spool {
         file: config.source.clone(),
@@ -120,7 +121,10 @@ pub fn start(config: AgentConfig, shutdown: CancellationToken) -> Result<Running
     let spool = Arc::new(spool::Spool::open(&config.state_dir).map_err(spool_error)?);
     let interrupted = spool.recover(report::now_unix()).map_err(spool_error)?;
     if interrupted > 0 {
-        tracing::warn!(interrupted, "tasks interrupted by the previous agent stop are reported as failed");
+        tracing::warn!(
+            interrupted,
+            "tasks interrupted by the previous agent stop are reported as failed"
+        );
     }
     let tasks = Arc::new(tasks::Tasks {
         config_file: config.source.display().to_string(),
@@ -207,12 +211,7 @@ fn collector_loop(
 )]
 struct Args {
     /// Agent config file.
-    #[arg(
-        long,
-        short,
-        default_value = "/etc/dicops/agent.yaml",
-        env = "DICOPS_AGENT_CONFIG"
-    )]
+    #[arg(long, short, default_value = "/etc/dicops/agent.yaml", env = "DICOPS_AGENT_CONFIG")]
     config: PathBuf,
     /// Validate the config and certificates, then exit (0 = valid, 2 = not).
     #[arg(long)]
@@ -283,10 +282,7 @@ pub fn main_entry() -> ExitCode {
             }
         };
         use tokio::signal::unix::{signal, SignalKind};
-        let (mut term, mut int) = match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
+        let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
             (Ok(t), Ok(i)) => (t, i),
             _ => {
                 tracing::error!("cannot listen for signals");

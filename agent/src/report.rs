@@ -62,11 +62,7 @@ impl Jitter {
 }
 
 impl Reporter {
-    pub async fn run(
-        mut self,
-        mut snapshots: watch::Receiver<Option<Snapshot>>,
-        shutdown: CancellationToken,
-    ) {
+    pub async fn run(mut self, mut snapshots: watch::Receiver<Option<Snapshot>>, shutdown: CancellationToken) {
         let mut seq = 0u64;
         let mut failures = ReportFailures::default();
         let mut attempt = 0u32;
@@ -133,8 +129,7 @@ impl Reporter {
     }
 
     async fn send(&mut self, report: &Report) -> Result<(), (FailureClass, String)> {
-        let body =
-            serde_json::to_vec(report).map_err(|e| (FailureClass::Rejected, e.to_string()))?;
+        let body = serde_json::to_vec(report).map_err(|e| (FailureClass::Rejected, e.to_string()))?;
         match self
             .client
             .request(Method::POST, dicops_proto::REPORT_PATH, Some(body))

@@ -33,6 +33,15 @@ fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()>
     fs::File::open(dir)?.sync_all()
 }
 
+/// Field 22 of /proc/PID/stat: when the process started, in clock ticks
+/// since boot. With the pid it names one process for good.
+fn process_start_time(pid: u32) -> Option<String> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; fields resume after the last ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    rest.split_whitespace().nth(19).map(str::to_string)
+}
+
 fn run_id_of(path: &Path) -> Option<i64> {
     let name = path.file_name()?.to_str()?;
     name.strip_suffix(".json")?.parse().ok()
@@ -61,6 +70,19 @@ impl Spool {
         self.accepted.join(format!("{run_id}.json")).exists() || self.results.join(format!("{run_id}.json")).exists()
     }
 
+    /// Every run this agent holds: accepted, or finished and not yet
+    /// acknowledged.
+    pub fn held(&self) -> Vec<i64> {
+        let mut ids: Vec<i64> = [&self.accepted, &self.results]
+            .iter()
+            .filter_map(|dir| fs::read_dir(dir).ok())
+            .flat_map(|entries| entries.flatten().filter_map(|e| run_id_of(&e.path())))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
     pub fn complete(&self, result: &TaskResult) -> std::io::Result<()> {
         let bytes = serde_json::to_vec(result).map_err(std::io::Error::other)?;
         write_atomically(&self.results, &format!("{}.json", result.run_id), &bytes)?;
@@ -68,13 +90,16 @@ impl Spool {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
+        let _ = fs::remove_file(self.accepted.join(format!("{}.pid", result.run_id)));
         fs::File::open(&self.accepted)?.sync_all()
     }
 
     /// Results waiting for an acknowledgement, oldest run first.
     pub fn pending(&self) -> Vec<TaskResult> {
         let mut results = Vec::new();
-        let Ok(entries) = fs::read_dir(&self.results) else { return results };
+        let Ok(entries) = fs::read_dir(&self.results) else {
+            return results;
+        };
         for entry in entries.flatten() {
             let path = entry.path();
             if run_id_of(&path).is_none() {
@@ -86,7 +111,9 @@ impl Spool {
                     tracing::error!(file = %path.display(), error = %e, "unreadable result in the spool; moved to rejected/");
                     let _ = fs::rename(&path, self.rejected.join(entry.file_name()));
                 }
-                Err(e) => tracing::error!(file = %path.display(), error = %e, "cannot read a spooled result"),
+                Err(e) => {
+                    tracing::error!(file = %path.display(), error = %e, "cannot read a spooled result")
+                }
             }
         }
         results.sort_by_key(|r| r.run_id);
@@ -107,13 +134,49 @@ impl Spool {
         fs::rename(self.results.join(&name), self.rejected.join(&name))
     }
 
+    /// Remembers the process group of a running command, so that a restarted
+    /// agent can stop what a killed one left behind.
+    pub fn note_process(&self, run_id: i64, pid: u32) -> std::io::Result<()> {
+        let start = process_start_time(pid).unwrap_or_default();
+        write_atomically(
+            &self.accepted,
+            &format!("{run_id}.pid"),
+            format!("{pid} {start}").as_bytes(),
+        )
+    }
+
+    /// Kills the process group of an interrupted run if it is still the
+    /// same process (same start time: a reused pid is left alone).
+    fn kill_leftover(&self, run_id: i64) {
+        let path = self.accepted.join(format!("{run_id}.pid"));
+        let Ok(text) = fs::read_to_string(&path) else {
+            return;
+        };
+        let mut parts = text.split_whitespace();
+        let (Some(Ok(pid)), Some(start)) = (parts.next().map(str::parse::<u32>), parts.next()) else {
+            return;
+        };
+        if process_start_time(pid).as_deref() == Some(start) {
+            tracing::warn!(
+                run = run_id,
+                pid,
+                "stopping the command an earlier agent process left running"
+            );
+            crate::tasks::kill_group(pid);
+        }
+        let _ = fs::remove_file(&path);
+    }
+
     /// At start: tasks accepted by a previous agent process that never got
     /// a result were interrupted; they become failed results.
     pub fn recover(&self, now: f64) -> std::io::Result<usize> {
         let mut recovered = 0;
         for entry in fs::read_dir(&self.accepted)?.flatten() {
             let path = entry.path();
-            let Some(run_id) = run_id_of(&path) else { continue };
+            let Some(run_id) = run_id_of(&path) else {
+                continue;
+            };
+            self.kill_leftover(run_id);
             let job = fs::read(&path)
                 .ok()
                 .and_then(|b| serde_json::from_slice::<Task>(&b).ok())
@@ -145,6 +208,7 @@ impl Spool {
 mod tests {
     use super::*;
     use dicops_proto::TaskKind;
+    use std::os::unix::process::CommandExt;
 
     fn task(run_id: i64) -> Task {
         Task {
@@ -202,6 +266,23 @@ mod tests {
         // Recovering again adds nothing.
         assert_eq!(spool.recover(6.0).expect("recover"), 0);
         assert_eq!(spool.pending().len(), 1);
+    }
+
+    #[test]
+    fn a_leftover_command_of_a_killed_agent_is_stopped_on_recovery() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool = Spool::open(dir.path()).expect("open");
+        spool.accept(&task(4)).expect("accept");
+        let mut child = std::process::Command::new("/bin/sleep")
+            .arg("60")
+            .process_group(0)
+            .spawn()
+            .expect("spawn");
+        spool.note_process(4, child.id()).expect("note");
+        assert_eq!(spool.recover(1.0).expect("recover"), 1);
+        let status = child.wait().expect("wait");
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9));
+        assert!(!dir.path().join("spool/accepted/4.pid").exists());
     }
 
     #[test]

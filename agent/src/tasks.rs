@@ -40,14 +40,24 @@ impl Tasks {
         };
         let mut attempt = 0u32;
         let mut jitter = Jitter::new();
-        let path = format!("{}?wait=25", dicops_proto::TASKS_PATH);
         loop {
+            // Tell the controller what we hold, so it can fail runs that
+            // were lost on their way to us.
+            let held: Vec<String> = self.spool.held().iter().map(|id| id.to_string()).collect();
+            let path = if held.len() <= 1000 {
+                format!("{}?wait=25&held={}", dicops_proto::TASKS_PATH, held.join(","))
+            } else {
+                // Too many for a URL: skip reconciling rather than fail runs.
+                format!("{}?wait=25", dicops_proto::TASKS_PATH)
+            };
             let answer = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 answer = client.request(Method::GET, &path, None) => answer,
             };
             let poll = match answer {
-                Ok((status, body)) if status.is_success() => serde_json::from_slice::<TaskPoll>(&body).map_err(|e| e.to_string()),
+                Ok((status, body)) if status.is_success() => {
+                    serde_json::from_slice::<TaskPoll>(&body).map_err(|e| e.to_string())
+                }
                 Ok((status, body)) => Err(format!("{status}: {}", String::from_utf8_lossy(&body))),
                 Err(e) => Err(e.to_string()),
             };
@@ -55,9 +65,17 @@ impl Tasks {
                 Ok(poll) => {
                     attempt = 0;
                     for run_id in poll.cancel {
-                        let token = self.running.lock().unwrap_or_else(|p| p.into_inner()).get(&run_id).cloned();
+                        let token = self
+                            .running
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get(&run_id)
+                            .cloned();
                         if let Some(token) = token {
-                            tracing::warn!(run = run_id, "the controller gave up on this run (max runtime); stopping it");
+                            tracing::warn!(
+                                run = run_id,
+                                "the controller gave up on this run (max runtime); stopping it"
+                            );
                             token.cancel();
                         }
                     }
@@ -100,10 +118,15 @@ impl Tasks {
                 // start reports it interrupted.
                 return;
             }
-            self.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&task.run_id);
+            self.running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&task.run_id);
             match self.spool.complete(&result) {
                 Ok(()) => self.results_ready.notify_one(),
-                Err(e) => tracing::error!(run = task.run_id, error = %e, "cannot write the result to the spool"),
+                Err(e) => {
+                    tracing::error!(run = task.run_id, error = %e, "cannot write the result to the spool")
+                }
             }
         });
     }
@@ -135,7 +158,12 @@ impl Tasks {
                     let left = Duration::from_secs_f64((task.deadline - started_at).max(1.0));
                     let limit = command.timeout.min(left);
                     tracing::info!(run = task.run_id, job = %task.job, command = %name, "running command");
-                    run_command(command, limit, cancel, &mut result).await;
+                    run_command(command, limit, cancel, &mut result, |pid| {
+                        if let Err(e) = self.spool.note_process(task.run_id, pid) {
+                            tracing::warn!(run = task.run_id, error = %e, "cannot note the command's pid");
+                        }
+                    })
+                    .await;
                 }
             },
         }
@@ -193,8 +221,13 @@ impl Tasks {
 
 async fn send(client: &mut HttpsClient, result: &TaskResult) -> Result<ResultAck, (FailureClass, String)> {
     let body = serde_json::to_vec(result).map_err(|e| (FailureClass::Rejected, e.to_string()))?;
-    match client.request(Method::POST, dicops_proto::RESULTS_PATH, Some(body)).await {
-        Ok((status, body)) if status.is_success() => serde_json::from_slice(&body).map_err(|e| (FailureClass::Network, e.to_string())),
+    match client
+        .request(Method::POST, dicops_proto::RESULTS_PATH, Some(body))
+        .await
+    {
+        Ok((status, body)) if status.is_success() => {
+            serde_json::from_slice(&body).map_err(|e| (FailureClass::Network, e.to_string()))
+        }
         Ok((status, body)) if status.is_client_error() => {
             let message = serde_json::from_slice::<ApiError>(&body)
                 .map(|e| format!("{status} ({}): {}", e.reason, e.error))
@@ -224,8 +257,10 @@ async fn tail<R: tokio::io::AsyncRead + Unpin>(mut reader: R) -> Vec<u8> {
 }
 
 #[allow(unsafe_code)]
-fn kill_group(pid: u32) {
-    let Ok(pid) = libc::pid_t::try_from(pid) else { return };
+pub(crate) fn kill_group(pid: u32) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
     // SAFETY: kill(2) on the process group we created for this command
     // (process_group(0) makes the child its leader).
     unsafe {
@@ -235,7 +270,13 @@ fn kill_group(pid: u32) {
 
 /// Runs one allowlisted command: no shell, own process group (a timeout
 /// kills everything it started), output tail kept.
-async fn run_command(command: &CommandConfig, limit: Duration, cancel: CancellationToken, result: &mut TaskResult) {
+async fn run_command(
+    command: &CommandConfig,
+    limit: Duration,
+    cancel: CancellationToken,
+    result: &mut TaskResult,
+    started: impl FnOnce(u32),
+) {
     let mut cmd = tokio::process::Command::new(&command.argv[0]);
     cmd.args(&command.argv[1..])
         .envs(&command.env)
@@ -255,6 +296,9 @@ async fn run_command(command: &CommandConfig, limit: Duration, cancel: Cancellat
         }
     };
     let pid = child.id();
+    if let Some(pid) = pid {
+        started(pid);
+    }
     let stdout = child.stdout.take().map(|s| tokio::spawn(tail(s)));
     let stderr = child.stderr.take().map(|s| tokio::spawn(tail(s)));
     let status = tokio::select! {
@@ -293,7 +337,9 @@ async fn run_command(command: &CommandConfig, limit: Duration, cancel: Cancellat
                 result.exit_code = status.code();
                 result.error = Some(match (status.code(), status.signal()) {
                     (Some(code), _) => format!("{} exited with status {code}", command.argv[0]),
-                    (None, Some(signal)) => format!("{} was killed by signal {signal}", command.argv[0]),
+                    (None, Some(signal)) => {
+                        format!("{} was killed by signal {signal}", command.argv[0])
+                    }
                     _ => format!("{} failed", command.argv[0]),
                 });
             }

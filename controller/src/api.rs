@@ -14,11 +14,7 @@ const JSON: &str = "application/json";
 /// The Prometheus text exposition format.
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-fn respond(
-    status: StatusCode,
-    content_type: &'static str,
-    body: impl Into<Bytes>,
-) -> Response<Full<Bytes>> {
+fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
     response
@@ -30,11 +26,7 @@ fn respond(
 fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
     match serde_json::to_vec(value) {
         Ok(body) => respond(status, JSON, body),
-        Err(e) => respond(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "text/plain",
-            e.to_string(),
-        ),
+        Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.to_string()),
     }
 }
 
@@ -69,12 +61,7 @@ fn refuse(
 }
 
 /// The refusal for a caller whose certificate does not allow `what`.
-fn refuse_identity(
-    shared: &Shared,
-    handler: &'static str,
-    peer: &Peer,
-    what: &str,
-) -> Response<Full<Bytes>> {
+fn refuse_identity(shared: &Shared, handler: &'static str, peer: &Peer, what: &str) -> Response<Full<Bytes>> {
     match &peer.identity {
         None => refuse(
             shared,
@@ -152,7 +139,10 @@ impl Route {
             dicops_proto::RELOAD_PATH => return Route::Reload,
             _ => {}
         }
-        if let Some(rest) = path.strip_prefix(dicops_proto::JOBS_PATH).and_then(|r| r.strip_prefix('/')) {
+        if let Some(rest) = path
+            .strip_prefix(dicops_proto::JOBS_PATH)
+            .and_then(|r| r.strip_prefix('/'))
+        {
             if let Some((job, action)) = rest.split_once('/') {
                 let action = match action {
                     "run" => JobAction::Run,
@@ -166,7 +156,10 @@ impl Route {
                 }
             }
         }
-        if let Some(id) = path.strip_prefix(dicops_proto::RUNS_PATH).and_then(|r| r.strip_prefix('/')) {
+        if let Some(id) = path
+            .strip_prefix(dicops_proto::RUNS_PATH)
+            .and_then(|r| r.strip_prefix('/'))
+        {
             if let Ok(id) = id.parse() {
                 return Route::Run(id);
             }
@@ -214,7 +207,14 @@ pub async fn route(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> (&'s
     let route = Route::parse(&path);
     let handler = route.handler();
     if route == Route::Other {
-        let response = refuse(shared, handler, peer, StatusCode::NOT_FOUND, "not_found", format!("no such endpoint: {path}"));
+        let response = refuse(
+            shared,
+            handler,
+            peer,
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no such endpoint: {path}"),
+        );
         return (handler, response);
     }
     let expected = route.method();
@@ -229,7 +229,10 @@ pub async fn route(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> (&'s
         );
         return (handler, response);
     }
-    let operator_only = !matches!(route, Route::Healthz | Route::Readyz | Route::Report | Route::Tasks | Route::Results);
+    let operator_only = !matches!(
+        route,
+        Route::Healthz | Route::Readyz | Route::Report | Route::Tasks | Route::Results
+    );
     if operator_only {
         if let Some(refusal) = authorize(shared, handler, peer, operator_or_controller, &path) {
             return (handler, refusal);
@@ -261,14 +264,28 @@ pub async fn route(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> (&'s
         Route::JobAction(job, action) => job_action(shared, handler, peer, &job, action, req.uri().query()),
         Route::Run(id) => match shared.scheduler.run(id) {
             Ok(Some(run)) => json(StatusCode::OK, &run),
-            Ok(None) => refuse(shared, handler, peer, StatusCode::NOT_FOUND, "unknown_run", format!("no run {id}")),
+            Ok(None) => refuse(
+                shared,
+                handler,
+                peer,
+                StatusCode::NOT_FOUND,
+                "unknown_run",
+                format!("no run {id}"),
+            ),
             Err(e) => internal(shared, handler, peer, e),
         },
         Route::Reload => {
             audit(shared, peer, "reload", "config", "");
             match crate::reload(shared) {
                 Ok(()) => json(StatusCode::OK, &serde_json::json!({"reloaded": true})),
-                Err(e) => refuse(shared, handler, peer, StatusCode::UNPROCESSABLE_ENTITY, "invalid_config", e.to_string()),
+                Err(e) => refuse(
+                    shared,
+                    handler,
+                    peer,
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_config",
+                    e.to_string(),
+                ),
             }
         }
         Route::Other => respond(StatusCode::NOT_FOUND, "text/plain", ""),
@@ -276,25 +293,49 @@ pub async fn route(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> (&'s
     (handler, response)
 }
 
-fn internal(shared: &Shared, handler: &'static str, peer: &Peer, error: impl std::fmt::Display) -> Response<Full<Bytes>> {
+fn internal(
+    shared: &Shared,
+    handler: &'static str,
+    peer: &Peer,
+    error: impl std::fmt::Display,
+) -> Response<Full<Bytes>> {
     tracing::error!(handler, %error, "internal error");
-    refuse(shared, handler, peer, StatusCode::INTERNAL_SERVER_ERROR, "internal", error.to_string())
+    refuse(
+        shared,
+        handler,
+        peer,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        error.to_string(),
+    )
 }
 
 /// Records an operator action: who, with which certificate, did what.
 fn audit(shared: &Shared, peer: &Peer, action: &str, target: &str, detail: &str) {
-    let who = peer.identity.as_ref().map(|i| i.to_string()).unwrap_or_else(|| "anonymous".into());
-    if let Err(e) = shared
-        .scheduler
-        .store()
-        .audit(&who, peer.cert_serial.as_deref(), action, target, detail, now_unix())
+    let who = peer
+        .identity
+        .as_ref()
+        .map(|i| i.to_string())
+        .unwrap_or_else(|| "anonymous".into());
+    if let Err(e) =
+        shared
+            .scheduler
+            .store()
+            .audit(&who, peer.cert_serial.as_deref(), action, target, detail, now_unix())
     {
         tracing::error!(error = %e, "cannot write the audit log");
     }
     tracing::info!(%who, action, target, "operator action");
 }
 
-fn job_action(shared: &Shared, handler: &'static str, peer: &Peer, job: &str, action: JobAction, query: Option<&str>) -> Response<Full<Bytes>> {
+fn job_action(
+    shared: &Shared,
+    handler: &'static str,
+    peer: &Peer,
+    job: &str,
+    action: JobAction,
+    query: Option<&str>,
+) -> Response<Full<Bytes>> {
     use crate::scheduler::SchedulerError;
     let scheduler = &shared.scheduler;
     let result = match action {
@@ -322,8 +363,12 @@ fn job_action(shared: &Shared, handler: &'static str, peer: &Peer, job: &str, ac
     };
     match result {
         Ok(response) => response,
-        Err(e @ SchedulerError::UnknownJob(_)) => refuse(shared, handler, peer, StatusCode::NOT_FOUND, e.reason(), e.to_string()),
-        Err(e @ SchedulerError::AlreadyRunning { .. }) => refuse(shared, handler, peer, StatusCode::CONFLICT, e.reason(), e.to_string()),
+        Err(e @ SchedulerError::UnknownJob(_)) => {
+            refuse(shared, handler, peer, StatusCode::NOT_FOUND, e.reason(), e.to_string())
+        }
+        Err(e @ SchedulerError::AlreadyRunning { .. }) => {
+            refuse(shared, handler, peer, StatusCode::CONFLICT, e.reason(), e.to_string())
+        }
         Err(e) => internal(shared, handler, peer, e),
     }
 }
@@ -343,13 +388,23 @@ async fn tasks(req: &Request<Incoming>, peer: &Peer, shared: &Shared) -> Respons
             format!("agent {agent:?} is not in the controller's inventory"),
         );
     }
-    let wait = req
-        .uri()
-        .query()
-        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("wait=")))
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(25)
-        .min(30);
+    let query = req.uri().query().unwrap_or("");
+    let param = |name: &str| {
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+    };
+    let wait = param("wait").and_then(|v| v.parse::<u64>().ok()).unwrap_or(25).min(30);
+    // The runs the agent holds; absent from an older agent: no reconciling.
+    if let Some(held) = param("held") {
+        let held: Vec<i64> = held.split(',').filter_map(|id| id.parse().ok()).collect();
+        if let Err(e) = shared
+            .scheduler
+            .reconcile(agent, &held, chrono::Utc::now(), &shared.metrics)
+        {
+            return internal(shared, "tasks", peer, e);
+        }
+    }
     match shared.scheduler.poll(agent, std::time::Duration::from_secs(wait)).await {
         Ok(poll) => json(StatusCode::OK, &poll),
         Err(e) => internal(shared, "tasks", peer, e),
@@ -366,17 +421,44 @@ async fn results(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> Respon
     let body = match dicops_net::body::read_limited(req.into_body(), limit).await {
         Ok(body) => body,
         Err(dicops_net::body::BodyError::TooLarge { limit }) => {
-            return refuse(shared, H, peer, StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("result is larger than the limit of {limit} bytes"))
+            return refuse(
+                shared,
+                H,
+                peer,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("result is larger than the limit of {limit} bytes"),
+            )
         }
         Err(e) => return refuse(shared, H, peer, StatusCode::BAD_REQUEST, "malformed", e.to_string()),
     };
     let result: dicops_proto::TaskResult = match serde_json::from_slice(&body) {
         Ok(r) => r,
-        Err(e) => return refuse(shared, H, peer, StatusCode::BAD_REQUEST, "malformed", format!("result is not valid JSON of the expected shape: {e}")),
+        Err(e) => {
+            return refuse(
+                shared,
+                H,
+                peer,
+                StatusCode::BAD_REQUEST,
+                "malformed",
+                format!("result is not valid JSON of the expected shape: {e}"),
+            )
+        }
     };
-    match shared.scheduler.record_result(&agent, &result, &shared.metrics, chrono::Utc::now()) {
-        Ok(recorded) => json(StatusCode::OK, &dicops_proto::ResultAck { run_id: result.run_id, recorded }),
-        Err(e @ crate::scheduler::SchedulerError::NotYourRun { .. }) => refuse(shared, H, peer, StatusCode::FORBIDDEN, e.reason(), e.to_string()),
+    match shared
+        .scheduler
+        .record_result(&agent, &result, &shared.metrics, chrono::Utc::now())
+    {
+        Ok(recorded) => json(
+            StatusCode::OK,
+            &dicops_proto::ResultAck {
+                run_id: result.run_id,
+                recorded,
+            },
+        ),
+        Err(e @ crate::scheduler::SchedulerError::NotYourRun { .. }) => {
+            refuse(shared, H, peer, StatusCode::FORBIDDEN, e.reason(), e.to_string())
+        }
         Err(e) => internal(shared, H, peer, e),
     }
 }
@@ -422,16 +504,7 @@ async fn report(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> Respons
                 format!("report is larger than the limit of {limit} bytes"),
             );
         }
-        Err(e) => {
-            return refuse(
-                shared,
-                H,
-                peer,
-                StatusCode::BAD_REQUEST,
-                "malformed",
-                e.to_string(),
-            )
-        }
+        Err(e) => return refuse(shared, H, peer, StatusCode::BAD_REQUEST, "malformed", e.to_string()),
     };
     let report: Report = match serde_json::from_slice(&body) {
         Ok(report) => report,

@@ -5,8 +5,8 @@
 
 mod api;
 pub mod metrics;
-mod server;
 pub mod scheduler;
+mod server;
 mod state;
 pub mod store;
 
@@ -80,7 +80,16 @@ fn render_jobs(shared: &Shared, out: &mut String) {
         e.family(def);
         for job in &jobs {
             if let Some(value) = get(job) {
-                e.sample(def, &[("job", &job.job), ("kind", job.kind), ("site", &job.site), ("agent", &job.agent)], value);
+                e.sample(
+                    def,
+                    &[
+                        ("job", &job.job),
+                        ("kind", job.kind),
+                        ("site", &job.site),
+                        ("agent", &job.agent),
+                    ],
+                    value,
+                );
             }
         }
     }
@@ -98,10 +107,7 @@ pub enum StartError {
     #[error("{file}: tls.cert: the certificate is for {actual}; the controller needs one issued with `dicops pki issue --controller`")]
     NotController { file: PathBuf, actual: Identity },
     #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: SocketAddr, source: std::io::Error },
     #[error("cannot set up metrics: {0}")]
     Metrics(#[from] prometheus::Error),
 }
@@ -149,20 +155,14 @@ impl Running {
     /// shutdown was requested, at most `deadline`.
     pub async fn wait(self, deadline: Duration) {
         self.tracker.close();
-        if tokio::time::timeout(deadline, self.tracker.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(deadline, self.tracker.wait()).await.is_err() {
             tracing::warn!("some connections did not finish before the shutdown deadline");
         }
     }
 }
 
 /// Starts the controller: binds, then serves until `shutdown`.
-pub async fn start(
-    config: ControllerConfig,
-    shutdown: CancellationToken,
-) -> Result<Running, StartError> {
+pub async fn start(config: ControllerConfig, shutdown: CancellationToken) -> Result<Running, StartError> {
     let tls = load_tls(&config)?;
     let listener = TcpListener::bind(config.listen)
         .await
@@ -180,7 +180,12 @@ pub async fn start(
     let reload_interval = config.tls.reload_interval;
     let config = Arc::new(config);
     let store = Arc::new(store::Store::open(&config.database)?);
-    let scheduler = Arc::new(scheduler::Scheduler::start(store, config.clone(), &metrics, chrono::Utc::now())?);
+    let scheduler = Arc::new(scheduler::Scheduler::start(
+        store,
+        config.clone(),
+        &metrics,
+        chrono::Utc::now(),
+    )?);
     let shared = Arc::new(Shared {
         scheduler,
         state: State::new(config),
@@ -195,33 +200,17 @@ pub async fn start(
             ReloadOutcome::Reloaded => "success",
             _ => "failure",
         };
-        watcher_shared
-            .metrics
-            .tls_reloads
-            .with_label_values(&[result])
-            .inc();
+        watcher_shared.metrics.tls_reloads.with_label_values(&[result]).inc();
     });
     tracker.spawn(async move {
         let _ = watcher.await;
     });
     tracker.spawn(scheduler_loop(shared.clone(), shutdown.clone()));
     tracker.spawn(housekeeping(shared.clone(), shutdown.clone()));
-    tracker.spawn(server::serve(
-        listener,
-        shared.clone(),
-        tls,
-        shutdown,
-        tracker.clone(),
-    ));
-    shared
-        .ready
-        .store(true, std::sync::atomic::Ordering::Relaxed);
+    tracker.spawn(server::serve(listener, shared.clone(), tls, shutdown, tracker.clone()));
+    shared.ready.store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(%addr, "controller listening");
-    Ok(Running {
-        addr,
-        shared,
-        tracker,
-    })
+    Ok(Running { addr, shared, tracker })
 }
 
 /// Ticks the scheduler whenever something is due, or when woken.
@@ -257,7 +246,7 @@ async fn housekeeping(shared: Arc<Shared>, shutdown: CancellationToken) {
         let rows = shared.state.inventory_rows();
         let store = shared.scheduler.clone();
         let keep = shared.state.config().history_keep;
-        let prune = minutes % 60 == 0;
+        let prune = minutes.is_multiple_of(60);
         minutes += 1;
         let outcome = tokio::task::spawn_blocking(move || {
             store.store().save_inventory(&rows)?;
@@ -282,13 +271,14 @@ pub fn reload(shared: &Shared) -> Result<(), dicops_config::ConfigError> {
     match ControllerConfig::load(&current.source) {
         Ok(new) => {
             if new.listen != current.listen || new.tls != current.tls {
-                tracing::warn!(
-                    "listen address and TLS file paths take effect only after a restart"
-                );
+                tracing::warn!("listen address and TLS file paths take effect only after a restart");
             }
             let agents = new.agents.len();
             let new = Arc::new(new);
-            if let Err(e) = shared.scheduler.apply_config(new.clone(), &shared.metrics, chrono::Utc::now()) {
+            if let Err(e) = shared
+                .scheduler
+                .apply_config(new.clone(), &shared.metrics, chrono::Utc::now())
+            {
                 shared.metrics.config_reload_ok.set(0);
                 tracing::error!(error = %e, "cannot apply the new jobs; keeping the running configuration");
                 return Err(dicops_config::ConfigError {
@@ -377,10 +367,7 @@ pub fn main_entry() -> ExitCode {
             }
         };
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");

@@ -15,8 +15,8 @@
 use std::fmt::Write as _;
 
 use prometheus::{
-    exponential_buckets, Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    exponential_buckets, Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,7 +156,8 @@ impl Metrics {
             job_skipped: IntCounterVec::new(opts(JOB_SKIPPED), &["job", "reason"])?,
             job_timeouts: IntCounterVec::new(opts(JOB_TIMEOUTS), &["job"])?,
             dispatch_delay: prometheus::Histogram::with_opts(
-                HistogramOpts::new(DISPATCH_DELAY.name, DISPATCH_DELAY.help).buckets(vec![0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0]),
+                HistogramOpts::new(DISPATCH_DELAY.name, DISPATCH_DELAY.help)
+                    .buckets(vec![0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0]),
             )?,
             registry,
         };
@@ -176,9 +177,7 @@ impl Metrics {
         r.register(Box::new(metrics.job_timeouts.clone()))?;
         r.register(Box::new(metrics.dispatch_delay.clone()))?;
         #[cfg(target_os = "linux")]
-        r.register(Box::new(
-            prometheus::process_collector::ProcessCollector::for_self(),
-        ))?;
+        r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
         // Pre-create the series operators alert on, so that a rate() over
         // them works before the first failure.
         for reason in ["unknown_ca", "expired_certificate", "bad_certificate"] {
@@ -271,12 +270,7 @@ mod tests {
         for def in CATALOGUE {
             assert!(def.name.starts_with("dicops_"), "{}", def.name);
             assert!(seen.insert(def.name), "duplicate {}", def.name);
-            assert_eq!(
-                def.kind == Kind::Counter,
-                def.name.ends_with("_total"),
-                "{}",
-                def.name
-            );
+            assert_eq!(def.kind == Kind::Counter, def.name.ends_with("_total"), "{}", def.name);
             assert!(!def.help.is_empty());
         }
     }

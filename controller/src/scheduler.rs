@@ -80,6 +80,13 @@ struct Entry {
     saved_fire: Option<DateTime<Utc>>,
 }
 
+struct Dispatched {
+    job: String,
+    pair: (String, String),
+    agent: String,
+    taken_at: Option<DateTime<Utc>>,
+}
+
 struct Inner {
     config: Arc<ControllerConfig>,
     jobs: BTreeMap<String, Entry>,
@@ -87,8 +94,9 @@ struct Inner {
     outbox: HashMap<String, Vec<Task>>,
     cancel: HashMap<String, Vec<i64>>,
     slots: HashMap<(String, String), usize>,
-    /// Which job and pair a run on an agent belongs to.
-    on_agent: HashMap<i64, (String, (String, String))>,
+    /// Runs given a slot: their job, pair, agent, and when the agent took
+    /// the task (None while it waits in the outbox).
+    on_agent: HashMap<i64, Dispatched>,
 }
 
 pub struct Scheduler {
@@ -143,8 +151,16 @@ fn run_info(r: RunRecord) -> RunInfo {
 impl Scheduler {
     /// Loads the jobs' memory from the database, fails the runs a previous
     /// controller process left open, and catches up missed fires.
-    pub fn start(store: Arc<Store>, config: Arc<ControllerConfig>, metrics: &Metrics, now: DateTime<Utc>) -> Result<Scheduler, StoreError> {
-        let interrupted = store.fail_open_runs("the controller restarted during the run; its result could not be followed", to_unix(now))?;
+    pub fn start(
+        store: Arc<Store>,
+        config: Arc<ControllerConfig>,
+        metrics: &Metrics,
+        now: DateTime<Utc>,
+    ) -> Result<Scheduler, StoreError> {
+        let interrupted = store.fail_open_runs(
+            "the controller restarted during the run; its result could not be followed",
+            to_unix(now),
+        )?;
         for run in &interrupted {
             tracing::warn!(run = run.id, job = %run.job, "run interrupted by a controller restart, recorded as failed");
             metrics.job_runs.with_label_values(&[&run.job, "failed"]).inc();
@@ -173,17 +189,25 @@ impl Scheduler {
 
     fn waiter(&self, agent: &str) -> Arc<Notify> {
         let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
-        waiters.entry(agent.to_string()).or_insert_with(|| Arc::new(Notify::new())).clone()
+        waiters
+            .entry(agent.to_string())
+            .or_insert_with(|| Arc::new(Notify::new()))
+            .clone()
     }
 
     /// Applies a (new) config: adds, updates and removes jobs. Runs going
     /// on keep going; a changed schedule takes effect from now.
-    pub fn apply_config(&self, config: Arc<ControllerConfig>, metrics: &Metrics, now: DateTime<Utc>) -> Result<(), StoreError> {
+    pub fn apply_config(
+        &self,
+        config: Arc<ControllerConfig>,
+        metrics: &Metrics,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
         let summaries: HashMap<String, (Option<f64>, Option<f64>)> = self
             .store
             .job_summaries()?
             .into_iter()
-            .map(|(job, last, success)| (job, (last, success)))
+            .map(|summary| (summary.job, (summary.last_run, summary.last_success)))
             .collect();
         let mut inner = self.lock();
         let tz = config.timezone;
@@ -202,7 +226,14 @@ impl Scheduler {
                 }
                 None => {
                     let row = self.store.job(&job.name, job.kind.as_str(), to_unix(now))?;
-                    let (timer, action) = JobTimer::start(job.schedule.as_ref(), tz, &job.policy, row.last_fire.map(to_time), row.paused, now);
+                    let (timer, action) = JobTimer::start(
+                        job.schedule.as_ref(),
+                        tz,
+                        &job.policy,
+                        row.last_fire.map(to_time),
+                        row.paused,
+                        now,
+                    );
                     let (last_run_at, last_success_at) = summaries.get(&job.name).cloned().unwrap_or((None, None));
                     let saved_fire = timer.last_fire;
                     inner.jobs.insert(
@@ -233,7 +264,13 @@ impl Scheduler {
     }
 
     /// Turns timer actions into runs (one transaction) and pending tasks.
-    fn apply_actions(&self, inner: &mut Inner, actions: Vec<(String, Action)>, metrics: &Metrics, now: DateTime<Utc>) -> Result<(), StoreError> {
+    fn apply_actions(
+        &self,
+        inner: &mut Inner,
+        actions: Vec<(String, Action)>,
+        metrics: &Metrics,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
         let mut starts = Vec::new();
         for (job, action) in actions {
             match action {
@@ -272,7 +309,9 @@ impl Scheduler {
         let fire_refs: Vec<(&str, f64)> = fires.iter().map(|(j, f)| (j.as_str(), *f)).collect();
         let ids = self.store.record_tick(&new_runs, &fire_refs, to_unix(now))?;
         for ((job, trigger, attempt, at), run_id) in starts.into_iter().zip(ids) {
-            let Some(entry) = inner.jobs.get_mut(&job) else { continue };
+            let Some(entry) = inner.jobs.get_mut(&job) else {
+                continue;
+            };
             entry.run = Some(run_id);
             entry.last_run_at = Some(to_unix(at));
             let JobKind::Command { command } = &entry.config.kind;
@@ -302,10 +341,18 @@ impl Scheduler {
         for (name, entry) in inner.jobs.iter_mut() {
             if entry.timer.timed_out(&entry.config.policy, now) {
                 if let Some(run) = entry.run {
-                    timeouts.push((name.clone(), run, entry.config.agent.clone(), entry.config.policy.max_runtime));
+                    timeouts.push((
+                        name.clone(),
+                        run,
+                        entry.config.agent.clone(),
+                        entry.config.policy.max_runtime,
+                    ));
                 }
             }
-            for action in entry.timer.tick(entry.config.schedule.as_ref(), tz, &entry.config.policy, now, random) {
+            for action in entry
+                .timer
+                .tick(entry.config.schedule.as_ref(), tz, &entry.config.policy, now, random)
+            {
                 actions.push((name.clone(), action));
             }
         }
@@ -373,7 +420,15 @@ impl Scheduler {
             metrics
                 .dispatch_delay
                 .observe((now - p.ready_at).num_milliseconds().max(0) as f64 / 1000.0);
-            inner.on_agent.insert(p.run_id, (p.job.clone(), p.pair.clone()));
+            inner.on_agent.insert(
+                p.run_id,
+                Dispatched {
+                    job: p.job.clone(),
+                    pair: p.pair.clone(),
+                    agent: p.agent.clone(),
+                    taken_at: None,
+                },
+            );
             inner.outbox.entry(p.agent.clone()).or_default().push(Task {
                 run_id: p.run_id,
                 job: p.job.clone(),
@@ -394,9 +449,17 @@ impl Scheduler {
     }
 
     /// Bookkeeping when a run ends; returns the timer's follow-up.
-    fn end_run(inner: &mut Inner, job: &str, run: i64, outcome: Outcome, started: Option<f64>, random: f64, now: DateTime<Utc>) -> Option<Action> {
-        if let Some((_, pair)) = inner.on_agent.remove(&run) {
-            if let Some(used) = inner.slots.get_mut(&pair) {
+    fn end_run(
+        inner: &mut Inner,
+        job: &str,
+        run: i64,
+        outcome: Outcome,
+        started: Option<f64>,
+        random: f64,
+        now: DateTime<Utc>,
+    ) -> Option<Action> {
+        if let Some(dispatched) = inner.on_agent.remove(&run) {
+            if let Some(used) = inner.slots.get_mut(&dispatched.pair) {
                 *used = used.saturating_sub(1);
             }
         }
@@ -420,8 +483,57 @@ impl Scheduler {
         if !tasks.is_empty() {
             let ids: Vec<i64> = tasks.iter().map(|t| t.run_id).collect();
             self.store.mark_running_many(&ids, to_unix(now))?;
+            for id in ids {
+                if let Some(d) = inner.on_agent.get_mut(&id) {
+                    d.taken_at = Some(now);
+                }
+            }
         }
         Ok(TaskPoll { tasks, cancel })
+    }
+
+    /// An agent polls once it has stored every task of its previous poll,
+    /// and says which runs it holds. A run it took before this poll but
+    /// does not hold was lost (the agent died before storing it, or a
+    /// dead connection swallowed it): fail it now rather than at its
+    /// deadline, so retries can start.
+    pub fn reconcile(
+        &self,
+        agent: &str,
+        held: &[i64],
+        poll_started: DateTime<Utc>,
+        metrics: &Metrics,
+    ) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let lost: Vec<(i64, String)> = inner
+            .on_agent
+            .iter()
+            .filter(|(id, d)| d.agent == agent && d.taken_at.is_some_and(|t| t < poll_started) && !held.contains(id))
+            .map(|(id, d)| (*id, d.job.clone()))
+            .collect();
+        if lost.is_empty() {
+            return Ok(());
+        }
+        let now = Utc::now();
+        let mut actions = Vec::new();
+        for (run, job) in lost {
+            let error = format!("agent {agent} does not hold this run: the task was lost before the agent stored it (agent crash or restart, or a dropped connection)");
+            let end = RunEnd {
+                error: Some(error.clone()),
+                ..RunEnd::default()
+            };
+            if self.store.finish_run(run, RunStatus::Failed, &end, to_unix(now))? {
+                tracing::warn!(%job, run, %error, "run lost");
+                metrics.job_runs.with_label_values(&[&job, "failed"]).inc();
+            }
+            if let Some(action) = Self::end_run(&mut inner, &job, run, Outcome::Failed, None, random_unit(), now) {
+                actions.push((job, action));
+            }
+        }
+        self.apply_actions(&mut inner, actions, metrics, now)?;
+        drop(inner);
+        self.wake.notify_one();
+        Ok(())
     }
 
     /// Long poll: waits up to `wait` for work for `agent`.
@@ -441,7 +553,13 @@ impl Scheduler {
     }
 
     /// Records a result sent by `agent`, exactly once.
-    pub fn record_result(&self, agent: &str, result: &TaskResult, metrics: &Metrics, now: DateTime<Utc>) -> Result<bool, SchedulerError> {
+    pub fn record_result(
+        &self,
+        agent: &str,
+        result: &TaskResult,
+        metrics: &Metrics,
+        now: DateTime<Utc>,
+    ) -> Result<bool, SchedulerError> {
         let Some(run) = self.store.run(result.run_id)? else {
             // Pruned or unknown: acknowledge so the agent's spool drains.
             tracing::warn!(%agent, run = result.run_id, "result for an unknown run acknowledged and dropped");
@@ -474,7 +592,15 @@ impl Scheduler {
         }
         metrics.job_runs.with_label_values(&[&run.job, status.as_str()]).inc();
         tracing::info!(job = %run.job, run = run.id, status = status.as_str(), error = result.error.as_deref().unwrap_or(""), "run finished");
-        let follow_up = Self::end_run(&mut inner, &run.job, run.id, outcome, Some(result.started_at), random_unit(), now);
+        let follow_up = Self::end_run(
+            &mut inner,
+            &run.job,
+            run.id,
+            outcome,
+            Some(result.started_at),
+            random_unit(),
+            now,
+        );
         if let Some(action) = follow_up {
             self.apply_actions(&mut inner, vec![(run.job.clone(), action)], metrics, now)?;
         }
@@ -486,7 +612,10 @@ impl Scheduler {
     /// An operator's "run now".
     pub fn run_now(&self, job: &str, metrics: &Metrics, now: DateTime<Utc>) -> Result<i64, SchedulerError> {
         let mut inner = self.lock();
-        let entry = inner.jobs.get_mut(job).ok_or_else(|| SchedulerError::UnknownJob(job.to_string()))?;
+        let entry = inner
+            .jobs
+            .get_mut(job)
+            .ok_or_else(|| SchedulerError::UnknownJob(job.to_string()))?;
         let action = entry.timer.run_now(now).map_err(|_| SchedulerError::AlreadyRunning {
             job: job.to_string(),
             run: entry.run.unwrap_or(0),
@@ -500,7 +629,10 @@ impl Scheduler {
 
     pub fn set_paused(&self, job: &str, paused: bool) -> Result<(), SchedulerError> {
         let mut inner = self.lock();
-        let entry = inner.jobs.get_mut(job).ok_or_else(|| SchedulerError::UnknownJob(job.to_string()))?;
+        let entry = inner
+            .jobs
+            .get_mut(job)
+            .ok_or_else(|| SchedulerError::UnknownJob(job.to_string()))?;
         entry.timer.paused = paused;
         self.store.set_paused(job, paused)?;
         Ok(())

@@ -83,11 +83,7 @@ async fn handle_connection(
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             let reason = dicops_net::handshake_failure_reason(&e);
-            shared
-                .metrics
-                .tls_handshake_failures
-                .with_label_values(&[reason])
-                .inc();
+            shared.metrics.tls_handshake_failures.with_label_values(&[reason]).inc();
             tracing::warn!(peer = %addr, reason, error = %e, "TLS handshake failed");
             return;
         }

@@ -62,14 +62,12 @@ impl State {
     /// Swaps in a new inventory; agents removed from it are forgotten.
     pub fn replace_config(&self, config: Arc<ControllerConfig>) {
         let mut inner = self.write();
-        inner
-            .agents
-            .retain(|id, _| config.agents.iter().any(|a| &a.id == id));
+        inner.agents.retain(|id, _| config.agents.iter().any(|a| &a.id == id));
         inner.config = config;
     }
 
     /// (agent, site, last report, info JSON) for the database.
-    pub fn inventory_rows(&self) -> Vec<(String, String, Option<f64>, Option<String>)> {
+    pub fn inventory_rows(&self) -> Vec<crate::store::InventoryRow> {
         let inner = self.read();
         inner
             .config
@@ -77,12 +75,12 @@ impl State {
             .iter()
             .map(|a| {
                 let record = inner.agents.get(&a.id);
-                (
-                    a.id.clone(),
-                    a.site.clone(),
-                    record.map(|r| r.received_at),
-                    record.and_then(|r| serde_json::to_string(&r.report.info).ok()),
-                )
+                crate::store::InventoryRow {
+                    agent: a.id.clone(),
+                    site: a.site.clone(),
+                    last_report_at: record.map(|r| r.received_at),
+                    info: record.and_then(|r| serde_json::to_string(&r.report.info).ok()),
+                }
             })
             .collect()
     }
@@ -153,8 +151,7 @@ impl State {
                             last_report_at: record.map(|r| r.received_at),
                             info: record.map(|r| r.report.info.clone()),
                             health: record.filter(|_| up).map(|r| r.report.health.clone()),
-                            certificate_expiry_timestamp_seconds: record
-                                .and_then(|r| r.cert_not_after),
+                            certificate_expiry_timestamp_seconds: record.and_then(|r| r.cert_not_after),
                         }
                     })
                     .collect();
@@ -187,12 +184,7 @@ impl State {
             .iter()
             .map(|a| {
                 let record = inner.agents.get(&a.id);
-                (
-                    a.site.as_str(),
-                    a.id.as_str(),
-                    record,
-                    Self::is_up(config, record, now),
-                )
+                (a.site.as_str(), a.id.as_str(), record, Self::is_up(config, record, now))
             })
             .collect();
         let mut e = Exposition::new(out);
@@ -224,11 +216,7 @@ impl State {
         e.family(m::SITE_REACHABLE);
         for (site, total, up) in &site_counts {
             let reachable = liveness::site_is_reachable(*up, *total);
-            e.sample(
-                m::SITE_REACHABLE,
-                &[("site", site)],
-                f64::from(u8::from(reachable)),
-            );
+            e.sample(m::SITE_REACHABLE, &[("site", site)], f64::from(u8::from(reachable)));
         }
         e.family(m::SITE_AGENTS);
         for (site, total, _) in &site_counts {
@@ -253,11 +241,7 @@ impl State {
             .collect();
         e.family(m::AGENT_LAST_REPORT);
         for (site, agent, r, _) in &reported {
-            e.sample(
-                m::AGENT_LAST_REPORT,
-                &[("site", site), ("agent", agent)],
-                r.received_at,
-            );
+            e.sample(m::AGENT_LAST_REPORT, &[("site", site), ("agent", agent)], r.received_at);
         }
         e.family(m::AGENT_INFO);
         for (site, agent, r, _) in &reported {
@@ -286,11 +270,7 @@ impl State {
         e.family(m::AGENT_REPORT_FAILURES);
         for (site, agent, r, _) in &reported {
             let f = r.report.report_failures;
-            for (reason, value) in [
-                ("network", f.network),
-                ("tls", f.tls),
-                ("rejected", f.rejected),
-            ] {
+            for (reason, value) in [("network", f.network), ("tls", f.tls), ("rejected", f.rejected)] {
                 e.sample(
                     m::AGENT_REPORT_FAILURES,
                     &[("site", site), ("agent", agent), ("reason", reason)],
@@ -320,11 +300,7 @@ impl State {
         for (def, get) in scalars {
             e.family(def);
             for (site, agent, r) in &up {
-                e.sample(
-                    def,
-                    &[("site", site), ("agent", agent)],
-                    get(&r.report.health),
-                );
+                e.sample(def, &[("site", site), ("agent", agent)], get(&r.report.health));
             }
         }
 
@@ -395,12 +371,7 @@ impl State {
                 ] {
                     e.sample(
                         m::HOST_PATH_STATE,
-                        &[
-                            ("site", site),
-                            ("agent", agent),
-                            ("path", &p.path),
-                            ("state", state),
-                        ],
+                        &[("site", site), ("agent", agent), ("path", &p.path), ("state", state)],
                         f64::from(u8::from(is)),
                     );
                 }
@@ -419,11 +390,7 @@ impl State {
             e.family(def);
             for (site, agent, r) in &up {
                 for d in &r.report.health.disks {
-                    e.sample(
-                        def,
-                        &[("site", site), ("agent", agent), ("device", &d.device)],
-                        get(d),
-                    );
+                    e.sample(def, &[("site", site), ("agent", agent), ("device", &d.device)], get(d));
                 }
             }
         }
@@ -439,11 +406,7 @@ impl State {
             e.family(def);
             for (site, agent, r) in &up {
                 for n in &r.report.health.networks {
-                    e.sample(
-                        def,
-                        &[("site", site), ("agent", agent), ("device", &n.device)],
-                        get(n),
-                    );
+                    e.sample(def, &[("site", site), ("agent", agent), ("device", &n.device)], get(n));
                 }
             }
         }

@@ -28,11 +28,7 @@ pub fn run(args: CheckConfigArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    Ok(if failed {
-        ExitCode::from(2)
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(if failed { ExitCode::from(2) } else { ExitCode::SUCCESS })
 }
 
 fn check(file: &std::path::Path, kind: Option<&str>) -> Result<String, String> {
@@ -56,10 +52,7 @@ fn check(file: &std::path::Path, kind: Option<&str>) -> Result<String, String> {
         ConfigKind::Agent => {
             let config = AgentConfig::load(file).map_err(|e| e.to_string())?;
             dicops_agent::load_tls(&config).map_err(|e| e.to_string())?;
-            Ok(format!(
-                "agent {} reporting to {}",
-                config.id, config.controller_url
-            ))
+            Ok(format!("agent {} reporting to {}", config.id, config.controller_url))
         }
         ConfigKind::Cli => {
             let config = CliConfig::load(file).map_err(|e| e.to_string())?;
@@ -69,11 +62,7 @@ fn check(file: &std::path::Path, kind: Option<&str>) -> Result<String, String> {
                 key: config.tls.key.clone(),
             })
             .map_err(|e| format!("{}: {e}", file.display()))?;
-            Ok(format!(
-                "CLI as {} for {}",
-                tls.identity(),
-                config.controller_url
-            ))
+            Ok(format!("CLI as {} for {}", tls.identity(), config.controller_url))
         }
     }
 }

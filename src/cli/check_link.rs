@@ -9,9 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use clap::Args;
 use dicops_config::{detect_kind, AgentConfig, CliConfig, ConfigKind};
-use dicops_net::client::{
-    check_peer_identity, parse_https_url, resolve, tcp_connect, tls_handshake,
-};
+use dicops_net::client::{check_peer_identity, parse_https_url, resolve, tcp_connect, tls_handshake};
 use dicops_net::{TlsFiles, TlsReloader};
 use dicops_proto::Identity;
 use http_body_util::{BodyExt, Empty};
@@ -41,10 +39,7 @@ pub struct CheckLinkArgs {
 }
 
 fn step(name: &str, started: Instant, detail: &str) {
-    println!(
-        "ok    {name:<9} {detail} ({} ms)",
-        started.elapsed().as_millis()
-    );
+    println!("ok    {name:<9} {detail} ({} ms)", started.elapsed().as_millis());
 }
 
 fn fail(name: &str, detail: &str, hint: &str) -> ExitCode {
@@ -61,7 +56,10 @@ pub async fn run(args: CheckLinkArgs) -> anyhow::Result<ExitCode> {
             let loaded = match detect_kind(path) {
                 Ok(ConfigKind::Agent) => AgentConfig::load(path).map(|c| (c.controller_url, c.tls)),
                 Ok(ConfigKind::Cli) => CliConfig::load(path).map(|c| (c.controller_url, c.tls)),
-                Ok(ConfigKind::Controller) => bail!("{}: a controller config names no peer to test; use an agent or CLI config, or --url", path.display()),
+                Ok(ConfigKind::Controller) => bail!(
+                    "{}: a controller config names no peer to test; use an agent or CLI config, or --url",
+                    path.display()
+                ),
                 Err(e) => Err(e),
             };
             match loaded {
@@ -102,13 +100,7 @@ pub async fn run(args: CheckLinkArgs) -> anyhow::Result<ExitCode> {
     let t = Instant::now();
     let tls = match TlsReloader::load(files) {
         Ok(tls) => tls,
-        Err(e) => {
-            return Ok(fail(
-                "certs",
-                &e.to_string(),
-                "fix the local certificate files first",
-            ))
-        }
+        Err(e) => return Ok(fail("certs", &e.to_string(), "fix the local certificate files first")),
     };
     step(
         "certs",
@@ -136,15 +128,16 @@ pub async fn run(args: CheckLinkArgs) -> anyhow::Result<ExitCode> {
     step("dns", t, &format!("{host} -> {}", list.join(", ")));
 
     let t = Instant::now();
-    let tcp =
-        match tcp_connect(&addrs, timeout).await {
-            Ok(s) => s,
-            Err(e) => return Ok(fail(
+    let tcp = match tcp_connect(&addrs, timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            return Ok(fail(
                 "tcp",
                 &e.to_string(),
                 "is the peer running, and does every firewall between the sites allow this port?",
-            )),
-        };
+            ))
+        }
+    };
     let peer = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     step("tcp", t, &format!("connected to {peer}"));
 
@@ -164,13 +157,7 @@ pub async fn run(args: CheckLinkArgs) -> anyhow::Result<ExitCode> {
     let t = Instant::now();
     let identity = match check_peer_identity(&stream, &expected) {
         Ok(i) => i,
-        Err(e) => {
-            return Ok(fail(
-                "identity",
-                &e.to_string(),
-                "the URL points at the wrong service",
-            ))
-        }
+        Err(e) => return Ok(fail("identity", &e.to_string(), "the URL points at the wrong service")),
     };
     step("identity", t, &format!("peer is {identity}"));
 
@@ -192,19 +179,10 @@ pub async fn run(args: CheckLinkArgs) -> anyhow::Result<ExitCode> {
             step(
                 "http",
                 t,
-                &format!(
-                    "/healthz answered {:?}",
-                    String::from_utf8_lossy(&body).trim()
-                ),
+                &format!("/healthz answered {:?}", String::from_utf8_lossy(&body).trim()),
             );
         }
-        Ok(Ok(response)) => {
-            return Ok(fail(
-                "http",
-                &format!("/healthz answered {}", response.status()),
-                "",
-            ))
-        }
+        Ok(Ok(response)) => return Ok(fail("http", &format!("/healthz answered {}", response.status()), "")),
         Ok(Err(e)) => return Ok(fail("http", &e.to_string(), "")),
         Err(_) => return Ok(fail("http", "no answer in time", "")),
     }

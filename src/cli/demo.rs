@@ -107,34 +107,18 @@ fn write_configs(dir: &Path, port: u16, interval: u64) -> anyhow::Result<()> {
     let pki_dir = dir.join("pki");
     pki::init_ca(&pki_dir, "dicops demo CA", 30, true)?;
     pki::issue(&pki_dir, &pki_dir, &Identity::Controller, &[], 30, true)?;
-    pki::issue(
-        &pki_dir,
-        &pki_dir,
-        &Identity::Operator("demo".into()),
-        &[],
-        30,
-        true,
-    )?;
+    pki::issue(&pki_dir, &pki_dir, &Identity::Operator("demo".into()), &[], 30, true)?;
     let mut controller = format!(
         "# dicops demo controller: two sites on loopback.\nlisten: 127.0.0.1:{port}\nstate:\n  database: controller.db\ntls:\n  ca: pki/ca.pem\n  cert: pki/controller.pem\n  key: pki/controller-key.pem\nhealth:\n  report_interval: {interval}s\n  down_after_missed_reports: 3\nsites:\n"
     );
     for (site, description, _) in SITES {
-        controller.push_str(&format!(
-            "  - name: {site}\n    description: {description}\n"
-        ));
+        controller.push_str(&format!("  - name: {site}\n    description: {description}\n"));
     }
     controller.push_str("agents:\n");
     for (site, _, agents) in SITES {
         for agent in agents {
             controller.push_str(&format!("  - id: {agent}\n    site: {site}\n"));
-            pki::issue(
-                &pki_dir,
-                &pki_dir,
-                &Identity::Agent(agent.to_string()),
-                &[],
-                30,
-                true,
-            )?;
+            pki::issue(&pki_dir, &pki_dir, &Identity::Agent(agent.to_string()), &[], 30, true)?;
             let config = format!(
                 "id: {agent}\ncontroller:\n  url: https://127.0.0.1:{port}\nstate_dir: state-{agent}\ncommands:\n  disk-usage:\n    argv: [/bin/df, -h, {}]\n    timeout: 1m\ntls:\n  ca: pki/ca.pem\n  cert: pki/agent-{agent}.pem\n  key: pki/agent-{agent}-key.pem\ncollect:\n  interval: {interval}s\n  paths: [{}]\n",
                 dir.display(),
@@ -187,17 +171,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let dir = dir.canonicalize()?;
-    let port = if args.port == 0 {
-        free_port()?
-    } else {
-        args.port
-    };
+    let port = if args.port == 0 { free_port()? } else { args.port };
     let controller_bin = sibling_binary("dicops-controller")?;
     let agent_bin = sibling_binary("dicops-agent")?;
-    println!(
-        "dicops demo: two sites on this machine, files in {}",
-        dir.display()
-    );
+    println!("dicops demo: two sites on this machine, files in {}", dir.display());
     write_configs(&dir, port, args.interval)?;
     println!("  created a CA and certificates for the controller, an operator and 4 agents");
 
@@ -269,10 +246,7 @@ async fn drive(
         p.join("operator-demo.pem").display(),
         p.join("operator-demo-key.pem").display()
     );
-    println!(
-        "status:   dicops status --config {}",
-        dir.join("cli.yaml").display()
-    );
+    println!("status:   dicops status --config {}", dir.join("cli.yaml").display());
     println!("logs:     {}\n", dir.join("logs").display());
     print!("{}", super::status::render(&status, &url, true));
     match args.duration {

@@ -94,7 +94,10 @@ pub async fn list(args: CliArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let now = now();
-    println!("{:<24} {:<5} {:<10} {:<14} {:<22} LAST RUN", "JOB", "SITE", "AGENT", "SCHEDULE", "NEXT FIRE");
+    println!(
+        "{:<24} {:<5} {:<10} {:<14} {:<22} LAST RUN",
+        "JOB", "SITE", "AGENT", "SCHEDULE", "NEXT FIRE"
+    );
     for job in jobs {
         let next = match (job.paused, job.next_fire) {
             (true, _) => "paused".to_string(),
@@ -103,7 +106,12 @@ pub async fn list(args: CliArgs) -> anyhow::Result<ExitCode> {
         };
         let last = match (&job.last_run, job.running_run) {
             (_, Some(id)) => format!("running (run {id})"),
-            (Some(run), None) => format!("{} {} ago (run {})", run.status, human_age(now - run.created_at), run.id),
+            (Some(run), None) => format!(
+                "{} {} ago (run {})",
+                run.status,
+                human_age(now - run.created_at),
+                run.id
+            ),
             (None, None) => "never".into(),
         };
         println!(
@@ -132,7 +140,10 @@ fn describe(run: &RunInfo) -> String {
         text.push_str(&format!("  started  {}\n", time(at)));
     }
     if let Some(at) = run.finished_at {
-        let took = run.started_at.map(|s| format!(" (took {})", human_age(at - s))).unwrap_or_default();
+        let took = run
+            .started_at
+            .map(|s| format!(" (took {})", human_age(at - s)))
+            .unwrap_or_default();
         text.push_str(&format!("  finished {}{took}\n", time(at)));
     }
     if let Some(code) = run.exit_code {
@@ -152,16 +163,23 @@ fn describe(run: &RunInfo) -> String {
 
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut api = Api::from_file(&args.cli.config)?;
-    let started: RunStarted = api.post(&format!("{}/{}/run", dicops_proto::JOBS_PATH, args.job)).await?;
+    let started: RunStarted = api
+        .post(&format!("{}/{}/run", dicops_proto::JOBS_PATH, args.job))
+        .await?;
     if !args.follow {
         println!("started run {} of {}", started.run_id, args.job);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("started run {} of {}; following (Ctrl-C stops following, not the run)", started.run_id, args.job);
+    println!(
+        "started run {} of {}; following (Ctrl-C stops following, not the run)",
+        started.run_id, args.job
+    );
     let begun = std::time::Instant::now();
     let mut last_status = String::new();
     loop {
-        let run: RunInfo = api.get(&format!("{}/{}", dicops_proto::RUNS_PATH, started.run_id)).await?;
+        let run: RunInfo = api
+            .get(&format!("{}/{}", dicops_proto::RUNS_PATH, started.run_id))
+            .await?;
         let finished = !matches!(run.status.as_str(), "queued" | "running");
         if run.status != last_status || finished {
             println!("[{:>6}] {}", human_age(begun.elapsed().as_secs_f64()), run.status);
@@ -169,7 +187,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
         if finished {
             print!("{}", describe(&run));
-            return Ok(if run.status == "succeeded" { ExitCode::SUCCESS } else { ExitCode::from(1) });
+            return Ok(if run.status == "succeeded" {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            });
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -178,7 +200,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 pub async fn pause(args: JobArgs, paused: bool) -> anyhow::Result<ExitCode> {
     let mut api = Api::from_file(&args.cli.config)?;
     let action = if paused { "pause" } else { "resume" };
-    let _: serde_json::Value = api.post(&format!("{}/{}/{action}", dicops_proto::JOBS_PATH, args.job)).await?;
+    let _: serde_json::Value = api
+        .post(&format!("{}/{}/{action}", dicops_proto::JOBS_PATH, args.job))
+        .await?;
     println!("{} {}", args.job, if paused { "paused" } else { "resumed" });
     Ok(ExitCode::SUCCESS)
 }
@@ -186,13 +210,21 @@ pub async fn pause(args: JobArgs, paused: bool) -> anyhow::Result<ExitCode> {
 pub async fn history(args: HistoryArgs) -> anyhow::Result<ExitCode> {
     let mut api = Api::from_file(&args.cli.config)?;
     let runs: Vec<RunInfo> = api
-        .get(&format!("{}/{}/runs?limit={}", dicops_proto::JOBS_PATH, args.job, args.limit))
+        .get(&format!(
+            "{}/{}/runs?limit={}",
+            dicops_proto::JOBS_PATH,
+            args.job,
+            args.limit
+        ))
         .await?;
     if args.cli.json {
         print_json(&runs)?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{:<8} {:<10} {:<8} {:<23} {:<9} ERROR", "RUN", "STATUS", "TRIGGER", "STARTED", "TOOK");
+    println!(
+        "{:<8} {:<10} {:<8} {:<23} {:<9} ERROR",
+        "RUN", "STATUS", "TRIGGER", "STARTED", "TOOK"
+    );
     for run in runs {
         let took = match (run.started_at, run.finished_at) {
             (Some(s), Some(f)) => human_age(f - s),
@@ -247,7 +279,10 @@ pub fn plan(args: PlanArgs) -> anyhow::Result<ExitCode> {
     let now = Utc::now();
     for job in &config.jobs {
         match &job.schedule {
-            None => println!("\n{} on {}: no schedule (runs only with `dicops run`)", job.name, job.agent),
+            None => println!(
+                "\n{} on {}: no schedule (runs only with `dicops run`)",
+                job.name, job.agent
+            ),
             Some(schedule) => {
                 println!("\n{} on {} ({}):", job.name, job.agent, schedule.source());
                 for fire in schedule.upcoming(now, tz, args.count) {

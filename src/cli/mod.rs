@@ -9,12 +9,8 @@ pub mod status;
 use std::future::Future;
 use std::process::ExitCode;
 
-pub fn block_on<F: Future<Output = anyhow::Result<ExitCode>>>(
-    future: F,
-) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+pub fn block_on<F: Future<Output = anyhow::Result<ExitCode>>>(future: F) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(future)
 }
 

@@ -11,8 +11,8 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use dicops_proto::{is_valid_id, Identity};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -75,24 +75,21 @@ struct IssueArgs {
 
 pub fn run(args: PkiArgs) -> anyhow::Result<ExitCode> {
     match args.command {
-        PkiCommand::Init {
-            dir,
-            name,
-            days,
-            force,
-        } => {
+        PkiCommand::Init { dir, name, days, force } => {
             let (cert, key) = (dir.join("ca.pem"), dir.join("ca-key.pem"));
             init_ca(&dir, &name, days, force)?;
-            println!("created CA {name:?}\n  certificate: {}\n  private key: {} (keep it safe: it signs every identity)", cert.display(), key.display());
+            println!(
+                "created CA {name:?}\n  certificate: {}\n  private key: {} (keep it safe: it signs every identity)",
+                cert.display(),
+                key.display()
+            );
         }
         PkiCommand::Issue(a) => {
             let identity = match (&a.agent, a.controller, &a.operator) {
                 (Some(id), _, _) => Identity::Agent(id.clone()),
                 (_, true, _) => Identity::Controller,
                 (_, _, Some(name)) => Identity::Operator(name.clone()),
-                _ => bail!(
-                    "say who the certificate is for: --agent ID, --controller or --operator NAME"
-                ),
+                _ => bail!("say who the certificate is for: --agent ID, --controller or --operator NAME"),
             };
             let out = a.out_dir.clone().unwrap_or_else(|| a.dir.clone());
             let (cert, key) = issue(&a.dir, &out, &identity, &a.san, a.days, a.force)?;
@@ -118,10 +115,7 @@ pub fn file_stem(identity: &Identity) -> String {
 
 fn write_file(path: &Path, contents: &str, mode: u32, force: bool) -> anyhow::Result<()> {
     if path.exists() && !force {
-        bail!(
-            "{} already exists; pass --force to replace it",
-            path.display()
-        );
+        bail!("{} already exists; pass --force to replace it", path.display());
     }
     // Write beside, then rename: a reader never sees half a PEM file, and a
     // daemon watching for renewal picks up the whole new file.
@@ -145,9 +139,7 @@ pub fn init_ca(dir: &Path, name: &str, days: i64, force: bool) -> anyhow::Result
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
     params.distinguished_name.push(DnType::CommonName, name);
-    params
-        .distinguished_name
-        .push(DnType::OrganizationName, "dicops");
+    params.distinguished_name.push(DnType::OrganizationName, "dicops");
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -188,8 +180,8 @@ pub fn issue(
     })?;
     let ca_key_pem = std::fs::read_to_string(&ca_key_path)
         .with_context(|| format!("cannot read the CA key {}", ca_key_path.display()))?;
-    let ca_key = KeyPair::from_pem(&ca_key_pem)
-        .with_context(|| format!("{} is not a private key", ca_key_path.display()))?;
+    let ca_key =
+        KeyPair::from_pem(&ca_key_pem).with_context(|| format!("{} is not a private key", ca_key_path.display()))?;
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)
         .with_context(|| format!("{} is not a CA certificate", ca_cert_path.display()))?;
 
@@ -201,20 +193,13 @@ pub fn issue(
         Identity::Controller => "dicops-controller".into(),
         Identity::Operator(name) => name.clone(),
     };
-    params
-        .distinguished_name
-        .push(DnType::CommonName, common_name);
-    params
-        .distinguished_name
-        .push(DnType::OrganizationName, "dicops");
+    params.distinguished_name.push(DnType::CommonName, common_name);
+    params.distinguished_name.push(DnType::OrganizationName, "dicops");
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     let serves = !matches!(identity, Identity::Operator(_));
     params.extended_key_usages = if serves {
-        vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ]
+        vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth]
     } else {
         vec![ExtendedKeyUsagePurpose::ClientAuth]
     };
@@ -240,8 +225,7 @@ pub fn issue(
     params.not_after = now + Duration::days(days);
     let cert = params.signed_by(&key, &issuer)?;
 
-    std::fs::create_dir_all(out_dir)
-        .with_context(|| format!("cannot create {}", out_dir.display()))?;
+    std::fs::create_dir_all(out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
     let stem = file_stem(identity);
     let cert_path = out_dir.join(format!("{stem}.pem"));
     let key_path = out_dir.join(format!("{stem}-key.pem"));

@@ -12,12 +12,7 @@ use super::human_age;
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// CLI config: the controller's URL and an operator certificate.
-    #[arg(
-        long,
-        short,
-        default_value = "/etc/dicops/cli.yaml",
-        env = "DICOPS_CLI_CONFIG"
-    )]
+    #[arg(long, short, default_value = "/etc/dicops/cli.yaml", env = "DICOPS_CLI_CONFIG")]
     pub config: PathBuf,
     /// Print the raw JSON of the status API.
     #[arg(long)]
@@ -70,18 +65,13 @@ fn agent_row(agent: &AgentStatus, now: f64) -> [String; 6] {
                 .filesystems
                 .iter()
                 .filter(|f| f.size_bytes > 0)
-                .map(|f| {
-                    (
-                        1.0 - f.avail_bytes as f64 / f.size_bytes as f64,
-                        f.mountpoint.as_str(),
-                    )
-                })
-                .chain(h.paths.iter().filter(|p| p.size_bytes > 0).map(|p| {
-                    (
-                        1.0 - p.avail_bytes as f64 / p.size_bytes as f64,
-                        p.path.as_str(),
-                    )
-                }))
+                .map(|f| (1.0 - f.avail_bytes as f64 / f.size_bytes as f64, f.mountpoint.as_str()))
+                .chain(
+                    h.paths
+                        .iter()
+                        .filter(|p| p.size_bytes > 0)
+                        .map(|p| (1.0 - p.avail_bytes as f64 / p.size_bytes as f64, p.path.as_str())),
+                )
                 .max_by(|a, b| a.0.total_cmp(&b.0))
                 .map(|(used, mount)| format!("{mount} {}", percent(used)))
                 .unwrap_or_else(|| "-".into());
@@ -104,14 +94,7 @@ fn agent_row(agent: &AgentStatus, now: f64) -> [String; 6] {
                 fullest,
             ]
         }
-        None => [
-            agent.id.clone(),
-            state,
-            age,
-            "-".into(),
-            "-".into(),
-            "-".into(),
-        ],
+        None => [agent.id.clone(), state, age, "-".into(), "-".into(), "-".into()],
     }
 }
 
@@ -136,11 +119,7 @@ fn site_block(site: &SiteStatus, now: f64) -> Vec<String> {
         .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
         .collect();
     for row in &rows {
-        let cells: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
         lines.push(format!("  {}", cells.join("  ").trim_end()));
     }
     lines
@@ -159,11 +138,7 @@ pub fn render(status: &StatusResponse, url: &str, side_by_side: bool) -> String 
             let height = pair.iter().map(Vec::len).max().unwrap_or(0);
             for i in 0..height {
                 let left = pair[0].get(i).map(String::as_str).unwrap_or("");
-                let right = pair
-                    .get(1)
-                    .and_then(|b| b.get(i))
-                    .map(String::as_str)
-                    .unwrap_or("");
+                let right = pair.get(1).and_then(|b| b.get(i)).map(String::as_str).unwrap_or("");
                 let line = format!("{left:<width$}{right}");
                 out.push_str(line.trim_end());
                 out.push('\n');

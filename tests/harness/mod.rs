@@ -74,13 +74,7 @@ impl Pki {
 
     /// Issues a certificate; `who` is `--agent ID`, `--controller` or `--operator NAME`.
     pub fn issue(&self, who: &[&str]) {
-        let mut args = vec![
-            "pki",
-            "issue",
-            "--dir",
-            self.dir.to_str().expect("utf8"),
-            "--force",
-        ];
+        let mut args = vec!["pki", "issue", "--dir", self.dir.to_str().expect("utf8"), "--force"];
         args.extend_from_slice(who);
         let out = dicops(&args);
         assert!(
@@ -198,10 +192,7 @@ impl Deployment {
             for agent in *agents {
                 pki.issue(&["--agent", agent]);
             }
-            owned.push((
-                site.to_string(),
-                agents.iter().map(|a| a.to_string()).collect(),
-            ));
+            owned.push((site.to_string(), agents.iter().map(|a| a.to_string()).collect()));
         }
         Deployment {
             root,
@@ -252,12 +243,11 @@ impl Deployment {
         }
         let process = Process::spawn("dicops-controller", &config, self.path("controller.log"));
         let mut client = self.operator();
-        wait_until(Duration::from_secs(20), "controller /readyz", || match self
-            .runtime
-            .block_on(client.request(Method::GET, "/readyz", None))
-        {
-            Ok((StatusCode::OK, _)) => Some(()),
-            _ => None,
+        wait_until(Duration::from_secs(20), "controller /readyz", || {
+            match self.runtime.block_on(client.request(Method::GET, "/readyz", None)) {
+                Ok((StatusCode::OK, _)) => Some(()),
+                _ => None,
+            }
         });
         process
     }
@@ -276,21 +266,13 @@ impl Deployment {
     pub fn start_agent(&self, id: &str) -> Process {
         let config = self.path(&format!("agent-{id}.yaml"));
         std::fs::write(&config, self.agent_yaml(id)).expect("write agent config");
-        Process::spawn(
-            "dicops-agent",
-            &config,
-            self.path(&format!("agent-{id}.log")),
-        )
+        Process::spawn("dicops-agent", &config, self.path(&format!("agent-{id}.log")))
     }
 
     pub fn client(&self, stem: &str) -> HttpsClient {
         let tls: Arc<TlsReloader> = TlsReloader::load(self.pki.files(stem)).expect("tls");
-        let mut client = HttpsClient::new(
-            &format!("https://127.0.0.1:{}", self.port),
-            Identity::Controller,
-            tls,
-        )
-        .expect("client");
+        let mut client =
+            HttpsClient::new(&format!("https://127.0.0.1:{}", self.port), Identity::Controller, tls).expect("client");
         client.connect_timeout = Duration::from_secs(2);
         client.request_timeout = Duration::from_secs(5);
         client
@@ -358,9 +340,7 @@ pub fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64>
         if metric != name {
             return None;
         }
-        let all = labels
-            .iter()
-            .all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")));
+        let all = labels.iter().all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")));
         if all {
             value.parse().ok()
         } else {

@@ -40,9 +40,7 @@ impl Collector {
             system.refresh_cpu_usage();
         }
         let disks = Disks::new_with_refreshed_list_specifics(storage_only())
-            .map_err(
-                |e| tracing::error!(error = %e, "cannot list filesystems; none will be reported"),
-            )
+            .map_err(|e| tracing::error!(error = %e, "cannot list filesystems; none will be reported"))
             .ok();
         let networks = Networks::new_with_refreshed_list()
             .map_err(|e| tracing::error!(error = %e, "cannot list network interfaces; none will be reported"))
@@ -101,12 +99,8 @@ impl Collector {
                 })
             })
             .collect();
-        health
-            .filesystems
-            .sort_by(|a, b| a.mountpoint.cmp(&b.mountpoint));
-        health
-            .filesystems
-            .dedup_by(|a, b| a.mountpoint == b.mountpoint);
+        health.filesystems.sort_by(|a, b| a.mountpoint.cmp(&b.mountpoint));
+        health.filesystems.dedup_by(|a, b| a.mountpoint == b.mountpoint);
 
         if let Some(networks) = self.networks.as_mut() {
             networks.refresh(true);

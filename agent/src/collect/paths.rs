@@ -33,8 +33,7 @@ pub struct PathProber {
 
 /// (size, available) in bytes.
 fn statvfs(path: &std::path::Path) -> ProbeResult {
-    let c_path = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| "path contains a NUL byte".to_string())?;
+    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(|_| "path contains a NUL byte".to_string())?;
     let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: c_path is a valid NUL-terminated string and stat is a valid,
     // writable statvfs struct that outlives the call.
@@ -82,13 +81,11 @@ impl PathProber {
                 let path = slot.path.clone();
                 let in_flight = slot.in_flight.clone();
                 let probe = self.probe;
-                let spawned = std::thread::Builder::new()
-                    .name("statvfs".into())
-                    .spawn(move || {
-                        let result = probe(&path);
-                        in_flight.store(false, Ordering::Release);
-                        let _ = tx.send(result);
-                    });
+                let spawned = std::thread::Builder::new().name("statvfs".into()).spawn(move || {
+                    let result = probe(&path);
+                    in_flight.store(false, Ordering::Release);
+                    let _ = tx.send(result);
+                });
                 match spawned {
                     Ok(_) => (slot, Some(rx)),
                     Err(_) => {
@@ -154,11 +151,7 @@ mod tests {
         assert!(usage[0].size_bytes > 0);
         assert!(usage[0].avail_bytes <= usage[0].size_bytes);
         assert_eq!(usage[1].state, PathState::Error);
-        assert!(usage[1]
-            .error
-            .as_deref()
-            .unwrap_or("")
-            .contains("No such file"));
+        assert!(usage[1].error.as_deref().unwrap_or("").contains("No such file"));
     }
 
     #[test]
@@ -171,11 +164,7 @@ mod tests {
             }
             Ok((100, 40))
         }
-        let prober = PathProber::with_probe(
-            vec![PathBuf::from("/nfs/backup")],
-            Duration::from_millis(200),
-            hangs,
-        );
+        let prober = PathProber::with_probe(vec![PathBuf::from("/nfs/backup")], Duration::from_millis(200), hangs);
         let started = Instant::now();
         let usage = prober.probe();
         assert!(started.elapsed() < Duration::from_millis(1000));
@@ -188,19 +177,12 @@ mod tests {
         // Still stuck: reported hung again, no second thread piles up.
         let again = prober.probe();
         assert_eq!(again[0].state, PathState::Hung);
-        assert!(again[0]
-            .error
-            .as_deref()
-            .unwrap_or("")
-            .contains("has not returned yet"));
+        assert!(again[0].error.as_deref().unwrap_or("").contains("has not returned yet"));
         // Once the kernel answers, the path is measured again.
         std::thread::sleep(Duration::from_millis(1500));
         let recovered = prober.probe();
         assert_eq!(recovered[0].state, PathState::Ok);
-        assert_eq!(
-            (recovered[0].size_bytes, recovered[0].avail_bytes),
-            (100, 40)
-        );
+        assert_eq!((recovered[0].size_bytes, recovered[0].avail_bytes), (100, 40));
         assert_eq!(CALLS.load(Ordering::SeqCst), 2);
     }
 

@@ -60,10 +60,7 @@ fn run_systemctl(units: &[String], timeout: Duration) -> Result<String, String> 
             Ok(None) if started.elapsed() > timeout => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!(
-                    "systemctl did not answer within {} s",
-                    timeout.as_secs()
-                ));
+                return Err(format!("systemctl did not answer within {} s", timeout.as_secs()));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(20)),
             Err(e) => return Err(format!("cannot wait for systemctl: {e}")),
@@ -74,10 +71,7 @@ fn run_systemctl(units: &[String], timeout: Duration) -> Result<String, String> 
 /// `systemctl show` prints one block of `Key=Value` lines per unit, in the
 /// order asked, separated by blank lines.
 pub fn parse(units: &[String], output: &str) -> Vec<ServiceState> {
-    let blocks: Vec<&str> = output
-        .split("\n\n")
-        .filter(|b| !b.trim().is_empty())
-        .collect();
+    let blocks: Vec<&str> = output.split("\n\n").filter(|b| !b.trim().is_empty()).collect();
     units
         .iter()
         .enumerate()
@@ -121,10 +115,7 @@ mod tests {
         assert!(states[0].is_up());
         assert_eq!(states[0].sub_state, "running");
         assert!(!states[1].is_up());
-        assert_eq!(
-            states[1].error.as_deref(),
-            Some("unit nope is not installed")
-        );
+        assert_eq!(states[1].error.as_deref(), Some("unit nope is not installed"));
         assert_eq!(states[2].active_state, "unknown");
     }
 }

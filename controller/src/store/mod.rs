@@ -19,12 +19,10 @@ pub enum StoreError {
     Open { path: String, message: String },
     #[error("database: {0}")]
     Sql(#[from] rusqlite::Error),
-    #[error("database {path} has schema version {found}, newer than this controller knows ({known}); refusing to touch it")]
-    TooNew {
-        path: String,
-        found: usize,
-        known: usize,
-    },
+    #[error(
+        "database {path} has schema version {found}, newer than this controller knows ({known}); refusing to touch it"
+    )]
+    TooNew { path: String, found: usize, known: usize },
 }
 
 /// How a run ended, or where it is.
@@ -99,6 +97,24 @@ pub struct RunEnd {
     pub started_at: Option<f64>,
 }
 
+/// Per job: when its last run and its last success started.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobSummary {
+    pub job: String,
+    pub last_run: Option<f64>,
+    pub last_success: Option<f64>,
+}
+
+/// One agent as last seen.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InventoryRow {
+    pub agent: String,
+    pub site: String,
+    pub last_report_at: Option<f64>,
+    /// The agent's info as JSON.
+    pub info: Option<String>,
+}
+
 /// A run to create.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewRun<'a> {
@@ -153,9 +169,7 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        let store = Store {
-            conn: Mutex::new(conn),
-        };
+        let store = Store { conn: Mutex::new(conn) };
         store.migrate(&shown)?;
         Ok(store)
     }
@@ -188,9 +202,7 @@ impl Store {
     }
 
     pub fn schema_version(&self) -> Result<i64, StoreError> {
-        Ok(self
-            .conn()
-            .pragma_query_value(None, "user_version", |row| row.get(0))?)
+        Ok(self.conn().pragma_query_value(None, "user_version", |row| row.get(0))?)
     }
 
     /// The remembered state of a job, created (with `now` as its baseline
@@ -215,10 +227,8 @@ impl Store {
     }
 
     pub fn set_last_fire(&self, name: &str, fire: f64) -> Result<(), StoreError> {
-        self.conn().execute(
-            "UPDATE jobs SET last_fire = ?2 WHERE name = ?1",
-            params![name, fire],
-        )?;
+        self.conn()
+            .execute("UPDATE jobs SET last_fire = ?2 WHERE name = ?1", params![name, fire])?;
         Ok(())
     }
 
@@ -257,7 +267,9 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         {
-            let mut stmt = tx.prepare_cached("UPDATE runs SET status = 'running', started_at = ?2 WHERE id = ?1 AND status = 'queued'")?;
+            let mut stmt = tx.prepare_cached(
+                "UPDATE runs SET status = 'running', started_at = ?2 WHERE id = ?1 AND status = 'queued'",
+            )?;
             for id in ids {
                 stmt.execute(params![id, now])?;
             }
@@ -291,13 +303,7 @@ impl Store {
 
     /// Records the end of a run exactly once: returns false (and changes
     /// nothing) if the run had already ended.
-    pub fn finish_run(
-        &self,
-        id: i64,
-        status: RunStatus,
-        end: &RunEnd,
-        now: f64,
-    ) -> Result<bool, StoreError> {
+    pub fn finish_run(&self, id: i64, status: RunStatus, end: &RunEnd, now: f64) -> Result<bool, StoreError> {
         let changed = self.conn().execute(
             "UPDATE runs SET status = ?2, finished_at = ?3, error = ?4, exit_code = ?5, output_tail = ?6, bytes = ?7, files = ?8,
                  started_at = COALESCE(started_at, ?9)
@@ -360,14 +366,20 @@ impl Store {
     }
 
     /// Per job: (last run start, last success start, ever succeeded).
-    pub fn job_summaries(&self) -> Result<Vec<(String, Option<f64>, Option<f64>)>, StoreError> {
+    pub fn job_summaries(&self) -> Result<Vec<JobSummary>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT job, MAX(COALESCE(started_at, created_at)),
                     MAX(CASE WHEN status = 'succeeded' THEN COALESCE(started_at, created_at) END)
              FROM runs GROUP BY job",
         )?;
-        let rows = stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+        let rows = stmt.query_map([], |row| {
+            Ok(JobSummary {
+                job: row.get(0)?,
+                last_run: row.get(1)?,
+                last_success: row.get(2)?,
+            })
+        })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -387,54 +399,20 @@ impl Store {
         Ok(())
     }
 
-    /// (at, who, action, target, detail), newest first.
-    pub fn audit_log(
-        &self,
-        limit: u32,
-    ) -> Result<Vec<(f64, String, String, String, String)>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(
-            "SELECT at, who, action, COALESCE(target, ''), COALESCE(detail, '') FROM audit ORDER BY id DESC LIMIT ?1",
-        )?;
-        let rows = stmt.query_map([limit], |row| {
-            Ok((
-                row.get(0)?,
-                row.get(1)?,
-                row.get(2)?,
-                row.get(3)?,
-                row.get(4)?,
-            ))
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
     /// Saves the inventory as last seen: (agent, site, last report, info JSON).
-    pub fn save_inventory(
-        &self,
-        rows: &[(String, String, Option<f64>, Option<String>)],
-    ) -> Result<(), StoreError> {
+    pub fn save_inventory(&self, rows: &[InventoryRow]) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         tx.execute("DELETE FROM inventory", [])?;
         {
-            let mut stmt = tx.prepare(
-                "INSERT INTO inventory (agent, site, last_report_at, info) VALUES (?1, ?2, ?3, ?4)",
-            )?;
-            for (agent, site, at, info) in rows {
-                stmt.execute(params![agent, site, at, info])?;
+            let mut stmt =
+                tx.prepare("INSERT INTO inventory (agent, site, last_report_at, info) VALUES (?1, ?2, ?3, ?4)")?;
+            for row in rows {
+                stmt.execute(params![row.agent, row.site, row.last_report_at, row.info])?;
             }
         }
         tx.commit()?;
         Ok(())
-    }
-
-    /// Agent -> last report time, as saved before a restart.
-    pub fn inventory(&self) -> Result<Vec<(String, String, Option<f64>)>, StoreError> {
-        let conn = self.conn();
-        let mut stmt =
-            conn.prepare("SELECT agent, site, last_report_at FROM inventory ORDER BY agent")?;
-        let rows = stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Deletes finished runs and audit entries older than `before`.
@@ -478,18 +456,12 @@ mod tests {
     #[test]
     fn refuses_a_database_from_the_future() {
         let (dir, store) = store();
-        store
-            .conn()
-            .pragma_update(None, "user_version", 99)
-            .expect("bump");
+        store.conn().pragma_update(None, "user_version", 99).expect("bump");
         drop(store);
         let err = Store::open(&dir.path().join("state/controller.db"))
             .err()
             .expect("refused");
-        assert!(
-            err.to_string().contains("schema version 99, newer"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("schema version 99, newer"), "{err}");
     }
 
     #[test]
@@ -504,9 +476,7 @@ mod tests {
             bytes: Some(42),
             ..RunEnd::default()
         };
-        assert!(store
-            .finish_run(id, RunStatus::Succeeded, &end, 110.0)
-            .expect("finish"));
+        assert!(store.finish_run(id, RunStatus::Succeeded, &end, 110.0).expect("finish"));
         // The same result again (an agent resending after a lost ack).
         assert!(!store
             .finish_run(id, RunStatus::Failed, &RunEnd::default(), 111.0)
@@ -523,22 +493,14 @@ mod tests {
     #[test]
     fn open_runs_of_a_dead_controller_are_failed_with_a_reason() {
         let (_dir, store) = store();
-        let a = store
-            .create_run("a", "command", "db01", "schedule", 0, 1.0)
-            .expect("a");
-        let b = store
-            .create_run("b", "command", "db01", "manual", 0, 2.0)
-            .expect("b");
+        let a = store.create_run("a", "command", "db01", "schedule", 0, 1.0).expect("a");
+        let b = store.create_run("b", "command", "db01", "manual", 0, 2.0).expect("b");
         store.mark_running(b, 3.0).expect("running");
-        let done = store
-            .create_run("c", "command", "db01", "manual", 0, 2.0)
-            .expect("c");
+        let done = store.create_run("c", "command", "db01", "manual", 0, 2.0).expect("c");
         store
             .finish_run(done, RunStatus::Succeeded, &RunEnd::default(), 4.0)
             .expect("finish");
-        let failed = store
-            .fail_open_runs("controller restarted", 10.0)
-            .expect("fail");
+        let failed = store.fail_open_runs("controller restarted", 10.0).expect("fail");
         assert_eq!(failed.iter().map(|r| r.id).collect::<Vec<_>>(), [a, b]);
         let run = store.run(b).expect("read").expect("exists");
         assert_eq!(
@@ -599,10 +561,7 @@ mod tests {
             .expect("audit");
         assert_eq!(store.prune(50.0).expect("prune"), 2);
         assert!(store.run(old).expect("read").is_none());
-        assert!(
-            store.run(open).expect("read").is_some(),
-            "open runs are never pruned"
-        );
+        assert!(store.run(open).expect("read").is_some(), "open runs are never pruned");
         assert!(store.run(new).expect("read").is_some());
     }
 }

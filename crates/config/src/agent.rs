@@ -160,7 +160,10 @@ fn validate(path: &Path, text: &str, raw: RawAgent) -> Result<AgentConfig, Confi
         } else if !Path::new(&command.argv[0]).is_absolute() {
             check.problem(
                 &format!("{field}.argv"),
-                format!("{:?} must be an absolute path (no PATH lookup for commands run on the controller's behalf)", command.argv[0]),
+                format!(
+                    "{:?} must be an absolute path (no PATH lookup for commands run on the controller's behalf)",
+                    command.argv[0]
+                ),
             );
         }
         if let Some(dir) = &command.working_dir {

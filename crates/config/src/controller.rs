@@ -66,10 +66,7 @@ impl ControllerConfig {
     }
 
     pub fn site_of(&self, agent: &str) -> Option<&str> {
-        self.agents
-            .iter()
-            .find(|a| a.id == agent)
-            .map(|a| a.site.as_str())
+        self.agents.iter().find(|a| a.id == agent).map(|a| a.site.as_str())
     }
 }
 
@@ -139,10 +136,7 @@ fn validate(path: &Path, text: &str, raw: RawController) -> Result<ControllerCon
         Err(_) => {
             check.problem(
                 "listen",
-                format!(
-                    "{:?} is not an address and port such as 0.0.0.0:9443",
-                    raw.listen
-                ),
+                format!("{:?} is not an address and port such as 0.0.0.0:9443", raw.listen),
             );
             SocketAddr::from(([127, 0, 0, 1], 0))
         }
@@ -173,10 +167,7 @@ fn validate(path: &Path, text: &str, raw: RawController) -> Result<ControllerCon
         if let Some(first) = site_index.insert(&site.name, i) {
             check.problem(
                 &field,
-                format!(
-                    "duplicate site {:?} (first declared at sites[{first}])",
-                    site.name
-                ),
+                format!("duplicate site {:?} (first declared at sites[{first}])", site.name),
             );
         }
     }
@@ -187,10 +178,7 @@ fn validate(path: &Path, text: &str, raw: RawController) -> Result<ControllerCon
         if let Some(first) = agent_index.insert(&agent.id, i) {
             check.problem(
                 &field,
-                format!(
-                    "duplicate agent id {:?} (first declared at agents[{first}])",
-                    agent.id
-                ),
+                format!("duplicate agent id {:?} (first declared at agents[{first}])", agent.id),
             );
         }
         if !site_index.contains_key(agent.site.as_str()) {
@@ -214,12 +202,7 @@ fn validate(path: &Path, text: &str, raw: RawController) -> Result<ControllerCon
             chrono_tz::UTC
         }),
     };
-    let database = check.resolve(
-        raw.state
-            .database
-            .as_deref()
-            .unwrap_or("/var/lib/dicops/controller.db"),
-    );
+    let database = check.resolve(raw.state.database.as_deref().unwrap_or("/var/lib/dicops/controller.db"));
     let history_keep = check.duration(
         "state.history_keep",
         raw.state.history_keep.as_deref(),

@@ -19,12 +19,7 @@ pub struct Problem {
 }
 
 impl ConfigError {
-    pub(crate) fn single(
-        file: &Path,
-        location: Option<(usize, usize)>,
-        field: &str,
-        message: &str,
-    ) -> Self {
+    pub(crate) fn single(file: &Path, location: Option<(usize, usize)>, field: &str, message: &str) -> Self {
         ConfigError {
             file: file.to_path_buf(),
             problems: vec![Problem {

@@ -76,10 +76,7 @@ pub(crate) fn validate_jobs(
         if let Some(first) = seen.insert(job.name.clone(), i) {
             check.problem(
                 &at("name"),
-                format!(
-                    "duplicate job {:?} (first declared at jobs[{first}])",
-                    job.name
-                ),
+                format!("duplicate job {:?} (first declared at jobs[{first}])", job.name),
             );
         }
         if !agents.contains_key(job.agent.as_str()) {
@@ -92,25 +89,19 @@ pub(crate) fn validate_jobs(
             );
         }
         check.id(&at("command"), &job.command, "command name");
-        let schedule = job
-            .schedule
-            .as_deref()
-            .and_then(|text| match Schedule::parse(text) {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    check.problem(&at("schedule"), format!("job {:?}: {e}", job.name));
-                    None
-                }
-            });
+        let schedule = job.schedule.as_deref().and_then(|text| match Schedule::parse(text) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                check.problem(&at("schedule"), format!("job {:?}: {e}", job.name));
+                None
+            }
+        });
         let defaults = RunPolicy::default();
         let overlap = match job.overlap.as_deref() {
             None | Some("skip") => Overlap::Skip,
             Some("queue") => Overlap::Queue,
             Some(other) => {
-                check.problem(
-                    &at("overlap"),
-                    format!("{other:?} is not `skip` or `queue`"),
-                );
+                check.problem(&at("overlap"), format!("{other:?} is not `skip` or `queue`"));
                 Overlap::Skip
             }
         };
@@ -131,11 +122,7 @@ pub(crate) fn validate_jobs(
         let policy = RunPolicy {
             catch_up: job.catch_up.unwrap_or(defaults.catch_up),
             overlap,
-            max_runtime: check.duration(
-                &at("max_runtime"),
-                job.max_runtime.as_deref(),
-                defaults.max_runtime,
-            ),
+            max_runtime: check.duration(&at("max_runtime"), job.max_runtime.as_deref(), defaults.max_runtime),
             retries: job.retries.unwrap_or(defaults.retries),
             retry_backoff: Backoff {
                 initial,
@@ -147,9 +134,7 @@ pub(crate) fn validate_jobs(
         jobs.push(JobConfig {
             name: job.name,
             agent: job.agent,
-            kind: JobKind::Command {
-                command: job.command,
-            },
+            kind: JobKind::Command { command: job.command },
             schedule,
             policy,
         });

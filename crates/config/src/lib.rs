@@ -58,18 +58,13 @@ pub enum ConfigKind {
 /// agent config has `collect` or `id`, a CLI config has `controller` as a URL.
 pub fn detect_kind(path: &Path) -> Result<ConfigKind, ConfigError> {
     let text = read(path)?;
-    let value: serde_yaml::Value =
-        serde_yaml::from_str(&text).map_err(|e| ConfigError::from_yaml(path, &e))?;
+    let value: serde_yaml::Value = serde_yaml::from_str(&text).map_err(|e| ConfigError::from_yaml(path, &e))?;
     let has = |key: &str| value.get(key).is_some();
     if has("sites") || has("agents") {
         Ok(ConfigKind::Controller)
     } else if has("id") || has("collect") {
         Ok(ConfigKind::Agent)
-    } else if value
-        .get("controller")
-        .map(|v| v.is_string())
-        .unwrap_or(false)
-    {
+    } else if value.get("controller").map(|v| v.is_string()).unwrap_or(false) {
         Ok(ConfigKind::Cli)
     } else {
         Err(ConfigError::single(
@@ -226,7 +221,10 @@ impl<'a> Checker<'a> {
                     .map(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
                     .unwrap_or(false);
                 if !has_port {
-                    self.problem(field, format!("{url:?} must name a host and port, e.g. https://controller.example:9443"));
+                    self.problem(
+                        field,
+                        format!("{url:?} must name a host and port, e.g. https://controller.example:9443"),
+                    );
                 }
             }
         }

@@ -83,9 +83,7 @@ impl<'de> Visitor<'de> for Follow<'_> {
         };
         while let Some(key) = map.next_key::<serde_yaml::Value>()? {
             if key.as_str() == Some(wanted.as_str()) {
-                return map.next_value_seed(Follow {
-                    path: &self.path[1..],
-                });
+                return map.next_value_seed(Follow { path: &self.path[1..] });
             }
             map.next_value::<IgnoredAny>()?;
         }
@@ -101,9 +99,7 @@ impl<'de> Visitor<'de> for Follow<'_> {
                 return Err(de::Error::custom(MISSING));
             }
         }
-        seq.next_element_seed(Follow {
-            path: &self.path[1..],
-        })?;
+        seq.next_element_seed(Follow { path: &self.path[1..] })?;
         Err(de::Error::custom(MISSING))
     }
 }

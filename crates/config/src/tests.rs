@@ -36,8 +36,7 @@ fn message(err: ConfigError) -> String {
 #[test]
 fn minimal_controller_has_defaults() {
     let config =
-        controller("sites:\n  - name: dc1\n  - name: dc2\nagents:\n  - {id: db01, site: dc1}\n")
-            .expect("valid");
+        controller("sites:\n  - name: dc1\n  - name: dc2\nagents:\n  - {id: db01, site: dc1}\n").expect("valid");
     assert_eq!(config.report_interval, Duration::from_secs(15));
     assert_eq!(config.down_after_missed_reports, 3);
     assert_eq!(config.max_request_bytes, 1 << 20);
@@ -72,16 +71,12 @@ fn wrong_types_are_refused_with_position() {
 
 #[test]
 fn semantic_errors_are_all_reported_with_path_and_position() {
-    let err = controller(
-        "sites:\n  - name: dc1\nagents:\n  - id: db01\n    site: dc1\n  - id: db01\n    site: dc3\n",
-    )
-    .unwrap_err();
+    let err = controller("sites:\n  - name: dc1\nagents:\n  - id: db01\n    site: dc1\n  - id: db01\n    site: dc3\n")
+        .unwrap_err();
     assert_eq!(err.problems.len(), 2, "{err}");
     let text = message(err);
     assert!(
-        text.contains(
-            "FILE:11:9: agents[1].id: duplicate agent id \"db01\" (first declared at agents[0])"
-        ),
+        text.contains("FILE:11:9: agents[1].id: duplicate agent id \"db01\" (first declared at agents[0])"),
         "{text}"
     );
     assert!(
@@ -108,8 +103,9 @@ fn missing_certificate_file_is_named() {
 
 #[test]
 fn bad_values_are_explained() {
-    let err = controller("health:\n  report_interval: 15\nlimits:\n  max_request_bytes: 0\nsites: [{name: \"dc 1\"}]\n")
-        .unwrap_err();
+    let err =
+        controller("health:\n  report_interval: 15\nlimits:\n  max_request_bytes: 0\nsites: [{name: \"dc 1\"}]\n")
+            .unwrap_err();
     let text = message(err);
     assert!(
         text.contains("health.report_interval: duration \"15\" needs a unit"),
@@ -132,10 +128,7 @@ fn agent_config() {
     ))
     .expect("valid");
     assert_eq!(config.collect.interval, Duration::from_secs(5));
-    assert_eq!(
-        config.collect.paths,
-        vec![Path::new("/srv/backup").to_path_buf()]
-    );
+    assert_eq!(config.collect.paths, vec![Path::new("/srv/backup").to_path_buf()]);
     assert_eq!(config.collect.path_timeout, Duration::from_secs(5));
 
     let err = agent(&format!(

@@ -62,11 +62,7 @@ pub fn is_ignored_mountpoint(mountpoint: &str) -> bool {
 /// partitions, loop or ram devices (node_exporter's default).
 pub fn is_reported_block_device(name: &str) -> bool {
     let strip_digits = |s: &str| s.trim_end_matches(|c: char| c.is_ascii_digit()).to_string();
-    if name.starts_with("loop")
-        || name.starts_with("ram")
-        || name.starts_with("zram")
-        || name.starts_with("fd")
-    {
+    if name.starts_with("loop") || name.starts_with("ram") || name.starts_with("zram") || name.starts_with("fd") {
         return false;
     }
     // sda1, vdb2, xvda1: a letter disk name followed by a partition number.

@@ -105,10 +105,7 @@ pub enum Action {
         at: DateTime<Utc>,
     },
     /// A fire that did not start a run.
-    Skip {
-        reason: SkipReason,
-        fire: DateTime<Utc>,
-    },
+    Skip { reason: SkipReason, fire: DateTime<Utc> },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,11 +173,7 @@ impl JobTimer {
             trigger,
             attempt,
         });
-        Action::Start {
-            trigger,
-            attempt,
-            at,
-        }
+        Action::Start { trigger, attempt, at }
     }
 
     /// Advances to `now`. `random` in `[0, 1)` draws the jitter and backoff.
@@ -296,19 +289,10 @@ mod tests {
     #[test]
     fn fires_on_schedule_once_per_fire() {
         let s = hourly();
-        let (mut timer, action) = JobTimer::start(
-            Some(&s),
-            UTC,
-            &policy(),
-            Some(t("09:30:00")),
-            false,
-            t("09:30:00"),
-        );
+        let (mut timer, action) = JobTimer::start(Some(&s), UTC, &policy(), Some(t("09:30:00")), false, t("09:30:00"));
         assert_eq!(action, None);
         assert_eq!(timer.next_fire, Some(t("10:00:00")));
-        assert!(timer
-            .tick(Some(&s), UTC, &policy(), t("09:59:59"), 0.5)
-            .is_empty());
+        assert!(timer.tick(Some(&s), UTC, &policy(), t("09:59:59"), 0.5).is_empty());
         let actions = timer.tick(Some(&s), UTC, &policy(), t("10:00:00"), 0.5);
         assert_eq!(
             actions,
@@ -319,23 +303,14 @@ mod tests {
             }]
         );
         assert_eq!(timer.next_fire, Some(t("11:00:00")));
-        assert!(timer
-            .tick(Some(&s), UTC, &policy(), t("10:00:01"), 0.5)
-            .is_empty());
+        assert!(timer.tick(Some(&s), UTC, &policy(), t("10:00:01"), 0.5).is_empty());
     }
 
     #[test]
     fn catch_up_runs_once_after_downtime_across_many_fires() {
         let s = hourly();
         // Last fire at 03:00, controller back at 09:30: six fires missed.
-        let (timer, action) = JobTimer::start(
-            Some(&s),
-            UTC,
-            &policy(),
-            Some(t("03:00:00")),
-            false,
-            t("09:30:00"),
-        );
+        let (timer, action) = JobTimer::start(Some(&s), UTC, &policy(), Some(t("03:00:00")), false, t("09:30:00"));
         assert_eq!(
             action,
             Some(Action::Start {
@@ -351,39 +326,15 @@ mod tests {
             ..policy()
         };
         assert_eq!(
-            JobTimer::start(
-                Some(&s),
-                UTC,
-                &no,
-                Some(t("03:00:00")),
-                false,
-                t("09:30:00")
-            )
-            .1,
+            JobTimer::start(Some(&s), UTC, &no, Some(t("03:00:00")), false, t("09:30:00")).1,
             None
         );
         assert_eq!(
-            JobTimer::start(
-                Some(&s),
-                UTC,
-                &policy(),
-                Some(t("03:00:00")),
-                true,
-                t("09:30:00")
-            )
-            .1,
+            JobTimer::start(Some(&s), UTC, &policy(), Some(t("03:00:00")), true, t("09:30:00")).1,
             None
         );
         assert_eq!(
-            JobTimer::start(
-                Some(&s),
-                UTC,
-                &policy(),
-                Some(t("09:00:00")),
-                false,
-                t("09:30:00")
-            )
-            .1,
+            JobTimer::start(Some(&s), UTC, &policy(), Some(t("09:00:00")), false, t("09:30:00")).1,
             None
         );
     }
@@ -391,14 +342,7 @@ mod tests {
     #[test]
     fn a_fire_during_a_run_is_skipped_or_queued() {
         let s = hourly();
-        let (mut timer, _) = JobTimer::start(
-            Some(&s),
-            UTC,
-            &policy(),
-            Some(t("09:30:00")),
-            false,
-            t("09:30:00"),
-        );
+        let (mut timer, _) = JobTimer::start(Some(&s), UTC, &policy(), Some(t("09:30:00")), false, t("09:30:00"));
         timer.tick(Some(&s), UTC, &policy(), t("10:00:00"), 0.0);
         let actions = timer.tick(Some(&s), UTC, &policy(), t("11:00:00"), 0.0);
         assert_eq!(
@@ -408,32 +352,17 @@ mod tests {
                 fire: t("11:00:00")
             }]
         );
-        assert_eq!(
-            timer.finished(Outcome::Succeeded, &policy(), t("11:10:00"), 0.0),
-            None
-        );
+        assert_eq!(timer.finished(Outcome::Succeeded, &policy(), t("11:10:00"), 0.0), None);
 
         let queue = RunPolicy {
             overlap: Overlap::Queue,
             ..policy()
         };
-        let (mut timer, _) = JobTimer::start(
-            Some(&s),
-            UTC,
-            &queue,
-            Some(t("09:30:00")),
-            false,
-            t("09:30:00"),
-        );
+        let (mut timer, _) = JobTimer::start(Some(&s), UTC, &queue, Some(t("09:30:00")), false, t("09:30:00"));
         timer.tick(Some(&s), UTC, &queue, t("10:00:00"), 0.0);
-        assert!(timer
-            .tick(Some(&s), UTC, &queue, t("11:00:00"), 0.0)
-            .is_empty());
+        assert!(timer.tick(Some(&s), UTC, &queue, t("11:00:00"), 0.0).is_empty());
         // Only one waits: a second fire during the same run is skipped.
-        assert_eq!(
-            timer.tick(Some(&s), UTC, &queue, t("12:00:00"), 0.0).len(),
-            1
-        );
+        assert_eq!(timer.tick(Some(&s), UTC, &queue, t("12:00:00"), 0.0).len(), 1);
         assert_eq!(
             timer.finished(Outcome::Succeeded, &queue, t("12:10:00"), 0.0),
             Some(Action::Start {
@@ -447,20 +376,11 @@ mod tests {
     #[test]
     fn failures_retry_with_backoff_within_the_window() {
         let s = hourly();
-        let (mut timer, _) = JobTimer::start(
-            Some(&s),
-            UTC,
-            &policy(),
-            Some(t("09:30:00")),
-            false,
-            t("09:30:00"),
-        );
+        let (mut timer, _) = JobTimer::start(Some(&s), UTC, &policy(), Some(t("09:30:00")), false, t("09:30:00"));
         timer.tick(Some(&s), UTC, &policy(), t("10:00:00"), 0.0);
         timer.finished(Outcome::Failed, &policy(), t("10:05:00"), 0.0);
         assert_eq!(timer.retry, Some((t("10:06:00"), 1)));
-        assert!(timer
-            .tick(Some(&s), UTC, &policy(), t("10:05:59"), 0.0)
-            .is_empty());
+        assert!(timer.tick(Some(&s), UTC, &policy(), t("10:05:59"), 0.0).is_empty());
         let actions = timer.tick(Some(&s), UTC, &policy(), t("10:06:00"), 0.0);
         assert_eq!(
             actions,
@@ -486,14 +406,7 @@ mod tests {
     #[test]
     fn paused_jobs_skip_their_fires_and_resume() {
         let s = hourly();
-        let (mut timer, _) = JobTimer::start(
-            Some(&s),
-            UTC,
-            &policy(),
-            Some(t("09:30:00")),
-            true,
-            t("09:30:00"),
-        );
+        let (mut timer, _) = JobTimer::start(Some(&s), UTC, &policy(), Some(t("09:30:00")), true, t("09:30:00"));
         assert_eq!(
             timer.tick(Some(&s), UTC, &policy(), t("10:00:00"), 0.0),
             [Action::Skip {
@@ -535,8 +448,7 @@ mod tests {
             jitter: Duration::from_secs(120),
             ..policy()
         };
-        let (mut timer, _) =
-            JobTimer::start(Some(&s), UTC, &p, Some(t("09:30:00")), false, t("09:30:00"));
+        let (mut timer, _) = JobTimer::start(Some(&s), UTC, &p, Some(t("09:30:00")), false, t("09:30:00"));
         let actions = timer.tick(Some(&s), UTC, &p, t("10:00:00"), 0.5);
         assert_eq!(
             actions,

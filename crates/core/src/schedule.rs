@@ -50,18 +50,18 @@ fn translate_weekdays(field: &str) -> Result<String, String> {
         }
         match text.parse::<u32>() {
             Ok(n) if n <= 7 => Ok(n % 7),
-            _ => Err(format!(
-                "day of week {text:?} is not 0-7 or a name such as mon"
-            )),
+            _ => Err(format!("day of week {text:?} is not 0-7 or a name such as mon")),
         }
     };
     let mut days = [false; 7];
     for item in field.split(',') {
         let (range, step) = match item.split_once('/') {
             Some((range, step)) => {
-                let step: u32 = step.parse().ok().filter(|s| *s > 0).ok_or_else(|| {
-                    format!("step {step:?} in day of week is not a positive number")
-                })?;
+                let step: u32 = step
+                    .parse()
+                    .ok()
+                    .filter(|s| *s > 0)
+                    .ok_or_else(|| format!("step {step:?} in day of week is not a positive number"))?;
                 (range, step)
             }
             None => (item, 1),
@@ -86,10 +86,7 @@ fn translate_weekdays(field: &str) -> Result<String, String> {
             day += step;
         }
     }
-    let list: Vec<String> = (0..7)
-        .filter(|d| days[*d])
-        .map(|d| (d + 1).to_string())
-        .collect();
+    let list: Vec<String> = (0..7).filter(|d| days[*d]).map(|d| (d + 1).to_string()).collect();
     Ok(list.join(","))
 }
 
@@ -131,8 +128,7 @@ impl Schedule {
         let weekdays = translate_weekdays(dow)?;
         let build = |dom: &str, dow: &str| -> Result<cron::Schedule, String> {
             let text = format!("{seconds} {minutes} {hours} {dom} {month} {dow} {year}");
-            cron::Schedule::from_str(&text)
-                .map_err(|e| format!("{expression:?} is not a valid schedule: {e}"))
+            cron::Schedule::from_str(&text).map_err(|e| format!("{expression:?} is not a valid schedule: {e}"))
         };
         let both_restricted = !dom.starts_with('*') && !dow.starts_with('*');
         let parts = if both_restricted {
@@ -153,10 +149,7 @@ impl Schedule {
 
     /// The first fire strictly after `after`, evaluated in `tz`.
     pub fn next_after(&self, after: DateTime<Utc>, tz: Tz) -> Option<DateTime<Utc>> {
-        self.parts
-            .iter()
-            .filter_map(|part| next_of(part, after, tz))
-            .min()
+        self.parts.iter().filter_map(|part| next_of(part, after, tz)).min()
     }
 
     /// The next `count` fires after `after`.
@@ -211,11 +204,8 @@ fn next_of(schedule: &cron::Schedule, after: DateTime<Utc>, tz: Tz) -> Option<Da
 
 /// Parses an IANA timezone name such as `Asia/Ho_Chi_Minh`.
 pub fn parse_timezone(name: &str) -> Result<Tz, String> {
-    name.parse::<Tz>().map_err(|_| {
-        format!(
-            "{name:?} is not an IANA timezone name such as UTC, Europe/Berlin or Asia/Ho_Chi_Minh"
-        )
-    })
+    name.parse::<Tz>()
+        .map_err(|_| format!("{name:?} is not an IANA timezone name such as UTC, Europe/Berlin or Asia/Ho_Chi_Minh"))
 }
 
 #[cfg(test)]
@@ -224,15 +214,11 @@ mod tests {
     use chrono::{Datelike, Weekday};
 
     fn utc(text: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(text)
-            .expect("time")
-            .with_timezone(&Utc)
+        DateTime::parse_from_rfc3339(text).expect("time").with_timezone(&Utc)
     }
 
     fn local(t: DateTime<Utc>, tz: Tz) -> String {
-        t.with_timezone(&tz)
-            .format("%a %Y-%m-%d %H:%M:%S %Z")
-            .to_string()
+        t.with_timezone(&tz).format("%a %Y-%m-%d %H:%M:%S %Z").to_string()
     }
 
     fn next_local(expr: &str, after: &str, tz: Tz, n: usize) -> Vec<String> {
@@ -248,18 +234,12 @@ mod tests {
     #[test]
     fn the_cron_crate_is_not_crontab() {
         let crate_schedule = cron::Schedule::from_str("0 30 2 * * 1").expect("parse");
-        let next = crate_schedule
-            .after(&utc("2026-11-27T00:00:00Z"))
-            .next()
-            .expect("next");
+        let next = crate_schedule.after(&utc("2026-11-27T00:00:00Z")).next().expect("next");
         // 1 is Sunday for the crate.
         assert_eq!(next.weekday(), Weekday::Sun);
         // Both day fields must match for the crate: the 1st that is a Monday.
         let both = cron::Schedule::from_str("0 0 0 1 * 2").expect("parse");
-        let next = both
-            .after(&utc("2026-11-27T00:00:00Z"))
-            .next()
-            .expect("next");
+        let next = both.after(&utc("2026-11-27T00:00:00Z")).next().expect("next");
         assert_eq!((next.day(), next.weekday()), (1, Weekday::Mon));
         // And it wants a seconds field: five fields do not parse.
         assert!(cron::Schedule::from_str("30 2 * * 1").is_err());
@@ -275,16 +255,8 @@ mod tests {
                 "2026-11-27T00:00:00Z",
                 &["Mon 2026-11-30 02:30:00 UTC", "Mon 2026-12-07 02:30:00 UTC"],
             ),
-            (
-                "30 2 * * 0",
-                "2026-11-27T00:00:00Z",
-                &["Sun 2026-11-29 02:30:00 UTC"],
-            ),
-            (
-                "30 2 * * 7",
-                "2026-11-27T00:00:00Z",
-                &["Sun 2026-11-29 02:30:00 UTC"],
-            ),
+            ("30 2 * * 0", "2026-11-27T00:00:00Z", &["Sun 2026-11-29 02:30:00 UTC"]),
+            ("30 2 * * 7", "2026-11-27T00:00:00Z", &["Sun 2026-11-29 02:30:00 UTC"]),
             (
                 "0 12 * * mon-fri",
                 "2026-11-27T13:00:00Z",
@@ -319,31 +291,15 @@ mod tests {
                 ],
             ),
             // A star-step day of month means AND, as in Vixie cron.
-            (
-                "0 0 */10 * 1",
-                "2026-11-01T00:00:00Z",
-                &["Mon 2026-12-21 00:00:00 UTC"],
-            ),
+            ("0 0 */10 * 1", "2026-11-01T00:00:00Z", &["Mon 2026-12-21 00:00:00 UTC"]),
             (
                 "*/15 * * * *",
                 "2026-11-27T10:07:00Z",
                 &["Fri 2026-11-27 10:15:00 UTC", "Fri 2026-11-27 10:30:00 UTC"],
             ),
-            (
-                "@hourly",
-                "2026-11-27T10:07:00Z",
-                &["Fri 2026-11-27 11:00:00 UTC"],
-            ),
-            (
-                "@daily",
-                "2026-11-27T10:07:00Z",
-                &["Sat 2026-11-28 00:00:00 UTC"],
-            ),
-            (
-                "@weekly",
-                "2026-11-27T10:07:00Z",
-                &["Sun 2026-11-29 00:00:00 UTC"],
-            ),
+            ("@hourly", "2026-11-27T10:07:00Z", &["Fri 2026-11-27 11:00:00 UTC"]),
+            ("@daily", "2026-11-27T10:07:00Z", &["Sat 2026-11-28 00:00:00 UTC"]),
+            ("@weekly", "2026-11-27T10:07:00Z", &["Sun 2026-11-29 00:00:00 UTC"]),
             // With seconds, and weekday numbers still crontab's.
             (
                 "15 30 2 * * 1",

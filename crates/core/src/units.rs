@@ -13,21 +13,15 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     while !rest.is_empty() {
         let digits = rest
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(|| {
-                format!("duration {text:?} needs a unit (ms, s, m, h, d), e.g. \"15s\"")
-            })?;
+            .ok_or_else(|| format!("duration {text:?} needs a unit (ms, s, m, h, d), e.g. \"15s\""))?;
         if digits == 0 {
-            return Err(format!(
-                "duration {text:?} is not a number followed by a unit"
-            ));
+            return Err(format!("duration {text:?} is not a number followed by a unit"));
         }
         let value: f64 = rest[..digits]
             .parse()
             .map_err(|_| format!("duration {text:?} has a bad number"))?;
         rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
+        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
         let seconds_per_unit = match &rest[..unit_len] {
             "ms" => 0.001,
             "s" => 1.0,
@@ -50,13 +44,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// Parses a byte size: `1048576`, `512KiB`, `1MiB`, `10GB`.
 pub fn parse_bytes(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     if split == 0 {
-        return Err(format!(
-            "size {text:?} must start with a number, e.g. \"1MiB\""
-        ));
+        return Err(format!("size {text:?} must start with a number, e.g. \"1MiB\""));
     }
     let value: u64 = text[..split]
         .parse()
@@ -103,9 +93,7 @@ mod tests {
         assert_eq!(parse_bytes("1MiB"), Ok(1 << 20));
         assert_eq!(parse_bytes("2 GB"), Ok(2_000_000_000));
         assert!(parse_bytes("MiB").is_err());
-        assert!(parse_bytes("3 parsecs")
-            .unwrap_err()
-            .contains("unknown unit"));
+        assert!(parse_bytes("3 parsecs").unwrap_err().contains("unknown unit"));
         assert!(parse_bytes("99999999999999999999GiB").is_err());
     }
 }

@@ -22,9 +22,7 @@ where
     match limited.collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) => {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
+            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
                 Err(BodyError::TooLarge { limit })
             } else {
                 Err(BodyError::Read(e.to_string()))
@@ -94,42 +92,15 @@ mod tests {
 
     #[tokio::test]
     async fn chunked_bodies_are_cut_at_the_limit() {
-        let ok = read_limited(
-            Chunks {
-                left: 4,
-                size: 1000,
-            },
-            4000,
-        )
-        .await
-        .expect("fits");
+        let ok = read_limited(Chunks { left: 4, size: 1000 }, 4000).await.expect("fits");
         assert_eq!(ok.len(), 4000);
-        let err = read_limited(
-            Chunks {
-                left: 5,
-                size: 1000,
-            },
-            4000,
-        )
-        .await;
-        assert!(
-            matches!(err, Err(BodyError::TooLarge { limit: 4000 })),
-            "{err:?}"
-        );
+        let err = read_limited(Chunks { left: 5, size: 1000 }, 4000).await;
+        assert!(matches!(err, Err(BodyError::TooLarge { limit: 4000 })), "{err:?}");
     }
 
     #[tokio::test]
     async fn drain_stops_past_its_maximum() {
         assert!(drain(Chunks { left: 3, size: 100 }, 300).await);
-        assert!(
-            !drain(
-                Chunks {
-                    left: 1000,
-                    size: 100
-                },
-                300
-            )
-            .await
-        );
+        assert!(!drain(Chunks { left: 1000, size: 100 }, 300).await);
     }
 }

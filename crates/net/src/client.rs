@@ -83,9 +83,7 @@ pub fn parse_https_url(url: &str) -> Result<(String, u16), ClientError> {
         .strip_prefix("https://")
         .ok_or_else(|| bad("must start with https://"))?;
     let authority = rest.split('/').next().unwrap_or("");
-    let (host, port) = authority
-        .rsplit_once(':')
-        .ok_or_else(|| bad("must name a port"))?;
+    let (host, port) = authority.rsplit_once(':').ok_or_else(|| bad("must name a port"))?;
     let port: u16 = port.parse().map_err(|_| bad("port is not a number"))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() {
@@ -113,10 +111,7 @@ pub async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, ClientErr
 }
 
 /// Opens a TCP connection to the first address that answers.
-pub async fn tcp_connect(
-    addrs: &[SocketAddr],
-    timeout: Duration,
-) -> Result<TcpStream, ClientError> {
+pub async fn tcp_connect(addrs: &[SocketAddr], timeout: Duration) -> Result<TcpStream, ClientError> {
     let mut last = None;
     for addr in addrs {
         match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
@@ -167,10 +162,7 @@ pub async fn tls_handshake(
         }),
         Ok(Ok(tls)) => Ok(tls),
         Ok(Err(e)) => {
-            match e
-                .get_ref()
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-            {
+            match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
                 Some(tls_error) => Err(ClientError::Tls {
                     addr,
                     reason: rustls_error_reason(tls_error),
@@ -188,16 +180,8 @@ pub async fn tls_handshake(
 }
 
 /// Checks that the peer's certificate speaks for who we meant to reach.
-pub fn check_peer_identity(
-    tls: &TlsStream<TcpStream>,
-    expected: &Identity,
-) -> Result<Identity, ClientError> {
-    let addr = tls
-        .get_ref()
-        .0
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+pub fn check_peer_identity(tls: &TlsStream<TcpStream>, expected: &Identity) -> Result<Identity, ClientError> {
+    let addr = tls.get_ref().0.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let actual = tls
         .get_ref()
         .1
@@ -228,11 +212,7 @@ pub struct HttpsClient {
 }
 
 impl HttpsClient {
-    pub fn new(
-        url: &str,
-        expected_peer: Identity,
-        tls: Arc<TlsReloader>,
-    ) -> Result<Self, ClientError> {
+    pub fn new(url: &str, expected_peer: Identity, tls: Arc<TlsReloader>) -> Result<Self, ClientError> {
         let (host, port) = parse_https_url(url)?;
         Ok(HttpsClient {
             host,
@@ -252,13 +232,7 @@ impl HttpsClient {
     async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, ClientError> {
         let addrs = resolve(&self.host, self.port).await?;
         let tcp = tcp_connect(&addrs, self.connect_timeout).await?;
-        let tls = tls_handshake(
-            tcp,
-            self.tls.client_config(),
-            &self.host,
-            self.connect_timeout,
-        )
-        .await?;
+        let tls = tls_handshake(tcp, self.tls.client_config(), &self.host, self.connect_timeout).await?;
         check_peer_identity(&tls, &self.expected_peer)?;
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
@@ -332,13 +306,10 @@ impl HttpsClient {
             Err(e) if reused && (e.is_closed() || e.is_incomplete_message()) => {
                 // The server closed an idle connection as we used it.
                 sender = self.connect().await?;
-                sender
-                    .send_request(build(body)?)
-                    .await
-                    .map_err(|e| ClientError::Io {
-                        addr: self.peer(),
-                        message: e.to_string(),
-                    })?
+                sender.send_request(build(body)?).await.map_err(|e| ClientError::Io {
+                    addr: self.peer(),
+                    message: e.to_string(),
+                })?
             }
             Err(e) => {
                 return Err(ClientError::Io {

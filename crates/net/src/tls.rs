@@ -137,11 +137,10 @@ fn build(files: &TlsFiles) -> Result<Loaded, TlsError> {
     // Peers must present a certificate from our CA; a TLS client without one
     // is let in so that the HTTP layer can answer with a clear 401 and the
     // health probes work, but any certificate it does present is verified.
-    let client_verifier =
-        WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
-            .allow_unauthenticated()
-            .build()
-            .map_err(|e| TlsError::Setup(e.to_string()))?;
+    let client_verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| TlsError::Setup(e.to_string()))?;
 
     // Fail loud at load time when our own certificate is not from our CA:
     // otherwise every peer would refuse us with a vaguer error.
@@ -276,8 +275,7 @@ impl TlsReloader {
                     Ok(mut guard) => *guard = Arc::new(loaded),
                     Err(poisoned) => *poisoned.into_inner() = Arc::new(loaded),
                 }
-                self.generation
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 ReloadOutcome::Reloaded
             }
             Err(e) => {
@@ -327,11 +325,10 @@ impl TlsReloader {
                     _ = tick.tick() => {}
                 }
                 let check = this.clone();
-                let outcome =
-                    match tokio::task::spawn_blocking(move || check.reload_if_changed()).await {
-                        Ok(outcome) => outcome,
-                        Err(e) => ReloadOutcome::Failed(TlsError::Setup(e.to_string())),
-                    };
+                let outcome = match tokio::task::spawn_blocking(move || check.reload_if_changed()).await {
+                    Ok(outcome) => outcome,
+                    Err(e) => ReloadOutcome::Failed(TlsError::Setup(e.to_string())),
+                };
                 match &outcome {
                     ReloadOutcome::Unchanged => continue,
                     ReloadOutcome::Reloaded => tracing::info!(
@@ -352,10 +349,7 @@ impl TlsReloader {
 
 /// A bounded label value for a failed server-side handshake.
 pub fn handshake_failure_reason(err: &io::Error) -> &'static str {
-    if let Some(tls) = err
-        .get_ref()
-        .and_then(|e| e.downcast_ref::<rustls::Error>())
-    {
+    if let Some(tls) = err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
         return rustls_error_reason(tls);
     }
     match err.kind() {
