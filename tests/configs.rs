@@ -112,3 +112,29 @@ fn daemons_refuse_a_bad_config_with_status_2_before_binding() {
         );
     }
 }
+
+#[test]
+fn plan_previews_the_example_schedules_in_the_deployment_timezone() {
+    let example = workspace().join("config/controller.yaml");
+    let out = dicops(&["plan", example.to_str().expect("utf8"), "--count", "3"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("next fires in Asia/Ho_Chi_Minh"), "{text}");
+    let daily: Vec<&str> = text.lines().filter(|l| l.contains("02:30:00 +07")).collect();
+    assert_eq!(daily.len(), 3, "{text}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("controller.yaml");
+    let broken = std::fs::read_to_string(&example)
+        .expect("read")
+        .replace("\"*/15 * * * *\"", "\"*/15 * * *\"");
+    std::fs::write(&bad, broken).expect("write");
+    let out = dicops(&["plan", bad.to_str().expect("utf8")]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr.contains("jobs[1].schedule: job \"db01-wal-check\": \"*/15 * * *\" has 4 fields"),
+        "{stderr}"
+    );
+    assert!(stderr.starts_with(&format!("{}:", bad.display())), "{stderr}");
+}

@@ -264,7 +264,7 @@ pub async fn reload(args: CliArgs) -> anyhow::Result<ExitCode> {
 /// Previews the next fires of every job, in the deployment's timezone,
 /// from a config file (nothing needs to run).
 pub fn plan(args: PlanArgs) -> anyhow::Result<ExitCode> {
-    let config = match ControllerConfig::load(&args.file) {
+    let config = match ControllerConfig::load_without_files(&args.file) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");

@@ -58,7 +58,15 @@ impl ControllerConfig {
 
     pub fn parse(path: &Path, text: &str) -> Result<ControllerConfig, ConfigError> {
         let raw: RawController = decode(path, text)?;
-        validate(path, text, raw)
+        validate(path, text, raw, true)
+    }
+
+    /// Validates everything but the existence of the files it names, to
+    /// preview a config away from its host (`dicops plan`).
+    pub fn load_without_files(path: &Path) -> Result<ControllerConfig, ConfigError> {
+        let text = read(path)?;
+        let raw: RawController = decode(path, &text)?;
+        validate(path, &text, raw, false)
     }
 
     pub fn job(&self, name: &str) -> Option<&JobConfig> {
@@ -128,8 +136,9 @@ struct RawAgentEntry {
     description: String,
 }
 
-fn validate(path: &Path, text: &str, raw: RawController) -> Result<ControllerConfig, ConfigError> {
+fn validate(path: &Path, text: &str, raw: RawController, check_files: bool) -> Result<ControllerConfig, ConfigError> {
     let mut check = Checker::new(path, text);
+    check.check_files = check_files;
 
     let listen = match raw.listen.parse::<SocketAddr>() {
         Ok(addr) => addr,
