@@ -718,3 +718,102 @@ impl Scheduler {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup(yaml_jobs: &str, limit: usize) -> (tempfile::TempDir, Scheduler, Metrics) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("controller.yaml");
+        let text = format!(
+            "listen: 127.0.0.1:1\ntls: {{ca: a, cert: b, key: c}}\nstate: {{database: db.sqlite}}\nlimits: {{concurrent_runs_per_site_pair: {limit}}}\nsites: [{{name: dc1}}]\nagents: [{{id: a1, site: dc1}}, {{id: a2, site: dc1}}]\njobs:\n{yaml_jobs}"
+        );
+        std::fs::write(&path, text).expect("write");
+        let config = Arc::new(ControllerConfig::load_without_files(&path).expect("config"));
+        let store = Arc::new(Store::open(&config.database).expect("store"));
+        let metrics = Metrics::new().expect("metrics");
+        let scheduler = Scheduler::start(store, config, &metrics, Utc::now()).expect("start");
+        (dir, scheduler, metrics)
+    }
+
+    fn result(run_id: i64, job: &str) -> TaskResult {
+        TaskResult {
+            run_id,
+            job: job.into(),
+            outcome: TaskOutcome::Succeeded,
+            error: None,
+            exit_code: Some(0),
+            started_at: 1.0,
+            finished_at: 2.0,
+            output_tail: String::new(),
+            bytes: None,
+            files: None,
+        }
+    }
+
+    #[test]
+    fn a_site_pair_runs_at_most_its_limit_at_once() {
+        let (_dir, s, m) = setup(
+            "  - {name: j1, agent: a1, command: x}\n  - {name: j2, agent: a2, command: x}\n",
+            1,
+        );
+        let now = Utc::now();
+        let r1 = s.run_now("j1", &m, now).expect("j1");
+        let r2 = s.run_now("j2", &m, now).expect("j2");
+        s.tick(&m, now).expect("tick");
+        let a1 = s.take_tasks("a1", now).expect("a1");
+        let a2 = s.take_tasks("a2", now).expect("a2");
+        assert_eq!(a1.tasks.len() + a2.tasks.len(), 1, "only one slot between dc1 and dc1");
+        let (first, agent, other, other_agent) = if a1.tasks.is_empty() {
+            (r2, "a2", r1, "a1")
+        } else {
+            (r1, "a1", r2, "a2")
+        };
+        let job = if agent == "a1" { "j1" } else { "j2" };
+        assert!(s.record_result(agent, &result(first, job), &m, now).expect("result"));
+        s.tick(&m, now).expect("tick");
+        let next = s.take_tasks(other_agent, now).expect("next");
+        assert_eq!(next.tasks.iter().map(|t| t.run_id).collect::<Vec<_>>(), [other]);
+    }
+
+    #[test]
+    fn results_are_accepted_only_from_the_runs_agent_and_once() {
+        let (_dir, s, m) = setup("  - {name: j1, agent: a1, command: x}\n", 4);
+        let now = Utc::now();
+        let run = s.run_now("j1", &m, now).expect("run");
+        s.tick(&m, now).expect("tick");
+        assert_eq!(s.take_tasks("a1", now).expect("take").tasks.len(), 1);
+        let err = s
+            .record_result("a2", &result(run, "j1"), &m, now)
+            .expect_err("not a2's");
+        assert_eq!(err.reason(), "not_your_run");
+        assert!(s.record_result("a1", &result(run, "j1"), &m, now).expect("first"));
+        assert!(!s.record_result("a1", &result(run, "j1"), &m, now).expect("again"));
+        assert_eq!(s.history("j1", 10).expect("history").len(), 1);
+        assert!(matches!(s.run_now("nope", &m, now), Err(SchedulerError::UnknownJob(_))));
+    }
+
+    #[test]
+    fn a_task_the_agent_does_not_hold_is_failed_and_retried() {
+        let (_dir, s, m) = setup(
+            "  - {name: j1, agent: a1, command: x, retries: 1, retry_backoff: 1s}\n",
+            4,
+        );
+        let now = Utc::now();
+        let run = s.run_now("j1", &m, now).expect("run");
+        s.tick(&m, now).expect("tick");
+        assert_eq!(s.take_tasks("a1", now).expect("take").tasks.len(), 1);
+        // The agent polls again without that run: it was lost.
+        s.reconcile("a1", &[], now + chrono::Duration::seconds(1), &m)
+            .expect("reconcile");
+        let lost = s.run(run).expect("read").expect("exists");
+        assert_eq!(lost.status, "failed");
+        assert!(lost.error.unwrap_or_default().contains("does not hold this run"));
+        // Retried after its backoff.
+        s.tick(&m, now + chrono::Duration::seconds(3)).expect("tick");
+        let retry = s.take_tasks("a1", now + chrono::Duration::seconds(3)).expect("take");
+        assert_eq!(retry.tasks.len(), 1);
+        assert_eq!(retry.tasks[0].attempt, 1);
+    }
+}
