@@ -221,24 +221,10 @@ struct Args {
     log_format: String,
 }
 
-fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 /// The `dicops-agent` program.
 pub fn main_entry() -> ExitCode {
     let args = Args::parse();
-    init_tracing(&args.log_format);
+    dicops_net::logging::init(&args.log_format);
     let _ = rustls::crypto::ring::default_provider().install_default();
     let config = match AgentConfig::load(&args.config) {
         Ok(config) => config,

@@ -327,25 +327,10 @@ struct Args {
     log_format: String,
 }
 
-/// Logs go to stderr, structured; `RUST_LOG` filters (default `info`).
-pub fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 /// The `dicops-controller` program.
 pub fn main_entry() -> ExitCode {
     let args = Args::parse();
-    init_tracing(&args.log_format);
+    dicops_net::logging::init(&args.log_format);
     let _ = rustls::crypto::ring::default_provider().install_default();
     // Config is checked before any port is bound: a bad file is a clean exit.
     let config = match ControllerConfig::load(&args.config) {

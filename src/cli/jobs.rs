@@ -176,14 +176,26 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     );
     let begun = std::time::Instant::now();
     let mut last_status = String::new();
+    let mut last_line = std::time::Instant::now();
     loop {
         let run: RunInfo = api
             .get(&format!("{}/{}", dicops_proto::RUNS_PATH, started.run_id))
             .await?;
         let finished = !matches!(run.status.as_str(), "queued" | "running");
+        let elapsed = human_age(begun.elapsed().as_secs_f64());
         if run.status != last_status || finished {
-            println!("[{:>6}] {}", human_age(begun.elapsed().as_secs_f64()), run.status);
+            let detail = match run.status.as_str() {
+                "queued" => format!(" (waiting for agent {} to take it)", run.agents),
+                "running" => format!(" on {}", run.agents),
+                _ => String::new(),
+            };
+            println!("[{elapsed:>6}] {}{detail}", run.status);
             last_status = run.status.clone();
+            last_line = std::time::Instant::now();
+        } else if last_line.elapsed() >= Duration::from_secs(10) {
+            // A heartbeat, so a long run visibly is still going.
+            println!("[{elapsed:>6}] still {}", run.status);
+            last_line = std::time::Instant::now();
         }
         if finished {
             print!("{}", describe(&run));
