@@ -261,7 +261,9 @@ fn sighup_reloads_the_inventory_and_a_bad_file_keeps_the_old_one() {
         (sample(&m, "dicops_requests_rejected_total", &[("reason", "unknown_agent")]).unwrap_or(0.0) >= 1.0)
             .then_some(())
     });
-    assert!(app01.log_text().contains("unknown_agent"), "{}", app01.log_text());
+    wait_until(Duration::from_secs(10), "app01 logs the refusal", || {
+        app01.log_text().contains("unknown_agent").then_some(())
+    });
 
     // A broken edit: refused, the old config keeps running.
     std::fs::write(&config, "sites: [\n").expect("write");

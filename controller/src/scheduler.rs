@@ -235,7 +235,8 @@ impl Scheduler {
                         now,
                     );
                     let (last_run_at, last_success_at) = summaries.get(&job.name).cloned().unwrap_or((None, None));
-                    let saved_fire = timer.last_fire;
+                    // What the database holds: a catch-up fire differs and gets saved.
+                    let saved_fire = row.last_fire.map(to_time);
                     inner.jobs.insert(
                         job.name.clone(),
                         Entry {
