@@ -27,7 +27,12 @@ const JOBS: usize = 1000;
 
 fn cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("").split_whitespace().collect();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
     let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // utime and stime are fields 14 and 15; clock ticks are 100 per second on Linux.
     (ticks(11) + ticks(12)) / 100.0
@@ -55,12 +60,18 @@ fn main() {
     }
     yaml.push_str("jobs:\n");
     for j in 0..JOBS {
-        yaml.push_str(&format!("  - {{name: j{j:04}, agent: a{:04}, command: x, schedule: \"* * * * *\"}}\n", j * 2));
+        yaml.push_str(&format!(
+            "  - {{name: j{j:04}, agent: a{:04}, command: x, schedule: \"* * * * *\"}}\n",
+            j * 2
+        ));
     }
     let path = dir.path().join("controller.yaml");
     std::fs::write(&path, yaml).expect("write config");
     let config = Arc::new(ControllerConfig::load_without_files(&path).expect("config"));
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     runtime.block_on(async move {
         let store = Arc::new(Store::open(&config.database).expect("store"));
         let metrics = Arc::new(Metrics::new().expect("metrics"));
@@ -74,7 +85,9 @@ fn main() {
             tokio::spawn(async move {
                 let agent = format!("a{i:04}");
                 loop {
-                    let Ok(poll) = scheduler.poll(&agent, Duration::from_secs(25)).await else { continue };
+                    let Ok(poll) = scheduler.poll(&agent, Duration::from_secs(25)).await else {
+                        continue;
+                    };
                     for task in poll.tasks {
                         let now = Utc::now();
                         let due = now.with_second(0).and_then(|t| t.with_nanosecond(0)).unwrap_or(now);
@@ -107,7 +120,9 @@ fn main() {
             tokio::spawn(async move {
                 loop {
                     let now = Utc::now();
-                    let next = scheduler.tick(&metrics, now).unwrap_or(now + chrono::Duration::seconds(1));
+                    let next = scheduler
+                        .tick(&metrics, now)
+                        .unwrap_or(now + chrono::Duration::seconds(1));
                     let wait = (next - Utc::now()).to_std().unwrap_or(Duration::ZERO);
                     tokio::select! {
                         _ = scheduler.wake.notified() => {}
@@ -122,7 +137,10 @@ fn main() {
         let to_mid = 90 - now.second() as i64;
         tokio::time::sleep(Duration::from_secs(to_mid as u64 % 60)).await;
         println!("{JOBS} jobs every minute on {AGENTS} agents; measuring {minutes} minute(s)");
-        println!("{:>6} {:>10} {:>8} {:>10} {:>10} {:>10}", "minute", "cpu_s", "runs", "p50_ms", "p99_ms", "max_ms");
+        println!(
+            "{:>6} {:>10} {:>8} {:>10} {:>10} {:>10}",
+            "minute", "cpu_s", "runs", "p50_ms", "p99_ms", "max_ms"
+        );
         let mut all = Vec::new();
         for minute in 1..=minutes {
             let cpu_before = cpu_seconds();
