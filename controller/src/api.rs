@@ -445,10 +445,14 @@ async fn results(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> Respon
             )
         }
     };
-    match shared
-        .scheduler
-        .record_result(&agent, &result, &shared.metrics, chrono::Utc::now())
-    {
+    // The result is committed with an fsync before we acknowledge it: let
+    // the runtime move other connections off this thread meanwhile.
+    let recorded = tokio::task::block_in_place(|| {
+        shared
+            .scheduler
+            .record_result(&agent, &result, &shared.metrics, chrono::Utc::now())
+    });
+    match recorded {
         Ok(recorded) => json(
             StatusCode::OK,
             &dicops_proto::ResultAck {

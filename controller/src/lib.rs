@@ -36,6 +36,9 @@ pub struct Shared {
     pub metrics: Metrics,
     pub tls: Arc<TlsReloader>,
     pub ready: AtomicBool,
+    /// Size of the last /metrics body, to allocate the next one at once
+    /// instead of regrowing a string of megabytes several times.
+    pub last_metrics_len: std::sync::atomic::AtomicUsize,
 }
 
 pub(crate) fn now_unix() -> f64 {
@@ -48,7 +51,8 @@ pub(crate) fn now_unix() -> f64 {
 /// The body of `/metrics`: the deployment's state, then the controller's
 /// own instruments and process metrics.
 pub fn render_metrics(shared: &Shared) -> Vec<u8> {
-    let mut text = String::with_capacity(256 * 1024);
+    let last = shared.last_metrics_len.load(std::sync::atomic::Ordering::Relaxed);
+    let mut text = String::with_capacity((last + last / 8).max(64 * 1024));
     let own = [
         ("controller", shared.tls.not_after()),
         ("ca", shared.tls.ca_not_after()),
@@ -57,6 +61,9 @@ pub fn render_metrics(shared: &Shared) -> Vec<u8> {
     render_jobs(shared, &mut text);
     let mut out = text.into_bytes();
     shared.metrics.encode_registry(&mut out);
+    shared
+        .last_metrics_len
+        .store(out.len(), std::sync::atomic::Ordering::Relaxed);
     out
 }
 
@@ -192,6 +199,7 @@ pub async fn start(config: ControllerConfig, shutdown: CancellationToken) -> Res
         metrics,
         tls: tls.clone(),
         ready: AtomicBool::new(false),
+        last_metrics_len: std::sync::atomic::AtomicUsize::new(0),
     });
     let tracker = TaskTracker::new();
     let watcher_shared = shared.clone();

@@ -94,6 +94,9 @@ struct Inner {
     outbox: HashMap<String, Vec<Task>>,
     cancel: HashMap<String, Vec<i64>>,
     slots: HashMap<(String, String), usize>,
+    /// Runs taken by their agents whose start is not written yet: written
+    /// in one transaction per tick, not one fsync per task in the poll path.
+    taken: Vec<(i64, f64)>,
     /// Runs given a slot: their job, pair, agent, and when the agent took
     /// the task (None while it waits in the outbox).
     on_agent: HashMap<i64, Dispatched>,
@@ -175,6 +178,7 @@ impl Scheduler {
                 cancel: HashMap::new(),
                 slots: HashMap::new(),
                 on_agent: HashMap::new(),
+                taken: Vec::new(),
             }),
             wake: Notify::new(),
             waiters: Mutex::new(HashMap::new()),
@@ -335,6 +339,10 @@ impl Scheduler {
     /// Advances every job to `now`; returns when something is next due.
     pub fn tick(&self, metrics: &Metrics, now: DateTime<Utc>) -> Result<DateTime<Utc>, StoreError> {
         let mut inner = self.lock();
+        if !inner.taken.is_empty() {
+            let taken = std::mem::take(&mut inner.taken);
+            self.store.mark_running_many(&taken)?;
+        }
         let tz = inner.config.timezone;
         let random = random_unit();
         let mut actions = Vec::new();
@@ -481,13 +489,10 @@ impl Scheduler {
         let mut inner = self.lock();
         let tasks = inner.outbox.remove(agent).unwrap_or_default();
         let cancel = inner.cancel.remove(agent).unwrap_or_default();
-        if !tasks.is_empty() {
-            let ids: Vec<i64> = tasks.iter().map(|t| t.run_id).collect();
-            self.store.mark_running_many(&ids, to_unix(now))?;
-            for id in ids {
-                if let Some(d) = inner.on_agent.get_mut(&id) {
-                    d.taken_at = Some(now);
-                }
+        for task in &tasks {
+            inner.taken.push((task.run_id, to_unix(now)));
+            if let Some(d) = inner.on_agent.get_mut(&task.run_id) {
+                d.taken_at = Some(now);
             }
         }
         Ok(TaskPoll { tasks, cancel })
@@ -585,8 +590,10 @@ impl Scheduler {
             files: result.files,
             started_at: Some(result.started_at),
         };
-        let mut inner = self.lock();
+        // The durable write (an fsync) happens outside the scheduler's lock;
+        // finish_run is idempotent, so a timeout racing with it is safe.
         let recorded = self.store.finish_run(run.id, status, &end, to_unix(now))?;
+        let mut inner = self.lock();
         if !recorded {
             tracing::info!(%agent, run = run.id, "result resent for a run already recorded; acknowledged again");
             return Ok(false);

@@ -30,7 +30,7 @@ pub enum ReportRefusal {
 
 struct Inner {
     config: Arc<ControllerConfig>,
-    agents: HashMap<String, AgentRecord>,
+    agents: HashMap<String, Arc<AgentRecord>>,
 }
 
 pub struct State {
@@ -107,11 +107,11 @@ impl State {
         }
         inner.agents.insert(
             report.agent.clone(),
-            AgentRecord {
+            Arc::new(AgentRecord {
                 received_at: now,
                 report,
                 cert_not_after,
-            },
+            }),
         );
         Ok(site)
     }
@@ -143,7 +143,7 @@ impl State {
                     .iter()
                     .filter(|a| a.site == site.name)
                     .map(|a| {
-                        let record = inner.agents.get(&a.id);
+                        let record = inner.agents.get(&a.id).map(|r| &**r);
                         let up = Self::is_up(config, record, now);
                         AgentStatus {
                             id: a.id.clone(),
@@ -176,14 +176,22 @@ impl State {
     /// are rendered only for agents that are up: a silent host must not
     /// look healthy on a dashboard.
     pub fn render(&self, now: f64, own_certs: &[(&str, f64)], out: &mut String) {
-        let inner = self.read();
+        // Copy the pointers out and render without the lock: a render of
+        // thousands of hosts must not hold up the reports arriving meanwhile.
+        let inner = {
+            let guard = self.read();
+            Inner {
+                config: guard.config.clone(),
+                agents: guard.agents.clone(),
+            }
+        };
         let config = &inner.config;
         // (site, agent, record, up) for every agent in the inventory.
         let rows: Vec<(&str, &str, Option<&AgentRecord>, bool)> = config
             .agents
             .iter()
             .map(|a| {
-                let record = inner.agents.get(&a.id);
+                let record = inner.agents.get(&a.id).map(|r| &**r);
                 (a.site.as_str(), a.id.as_str(), record, Self::is_up(config, record, now))
             })
             .collect();

@@ -23,6 +23,10 @@ pub struct Collector {
     paths: PathProber,
     services: Vec<String>,
     service_timeout: Duration,
+    /// systemd units are asked at most this often (a process start each
+    /// time); between two asks the last answer is reported.
+    services_interval: Duration,
+    last_services: Option<(std::time::Instant, Vec<dicops_proto::ServiceState>)>,
 }
 
 impl Collector {
@@ -52,6 +56,8 @@ impl Collector {
             paths: PathProber::new(config.paths.clone(), config.path_timeout),
             services: config.services.clone(),
             service_timeout: Duration::from_secs(5),
+            services_interval: config.services_interval,
+            last_services: None,
         }
     }
 
@@ -121,7 +127,14 @@ impl Collector {
         health.networks.sort_by(|a, b| a.device.cmp(&b.device));
 
         health.disks = diskstats::read();
-        health.services = services::query(&self.services, self.service_timeout);
+        health.services = match &self.last_services {
+            Some((at, states)) if at.elapsed() < self.services_interval => states.clone(),
+            _ => {
+                let states = services::query(&self.services, self.service_timeout);
+                self.last_services = Some((std::time::Instant::now(), states.clone()));
+                states
+            }
+        };
         health.paths = self.paths.probe();
         health
     }

@@ -259,19 +259,19 @@ impl Store {
 
     /// The run was handed to its agent.
     pub fn mark_running(&self, id: i64, now: f64) -> Result<(), StoreError> {
-        self.mark_running_many(&[id], now)
+        self.mark_running_many(&[(id, now)])
     }
 
     /// Several runs handed out at once, in one transaction.
-    pub fn mark_running_many(&self, ids: &[i64], now: f64) -> Result<(), StoreError> {
+    pub fn mark_running_many(&self, taken: &[(i64, f64)]) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         {
             let mut stmt = tx.prepare_cached(
                 "UPDATE runs SET status = 'running', started_at = ?2 WHERE id = ?1 AND status = 'queued'",
             )?;
-            for id in ids {
-                stmt.execute(params![id, now])?;
+            for (id, at) in taken {
+                stmt.execute(params![id, at])?;
             }
         }
         tx.commit()?;

@@ -38,6 +38,8 @@ pub struct CollectConfig {
     pub interval: Duration,
     /// systemd units whose state is reported.
     pub services: Vec<String>,
+    /// How often systemd is asked about them (each ask starts `systemctl`).
+    pub services_interval: Duration,
     /// Extra paths measured with statvfs (backup folders, replication
     /// roots, network mounts that sysinfo does not list).
     pub paths: Vec<PathBuf>,
@@ -95,6 +97,7 @@ struct RawCollect {
     interval: Option<String>,
     #[serde(default)]
     services: Vec<String>,
+    services_interval: Option<String>,
     #[serde(default)]
     paths: Vec<String>,
     path_timeout: Option<String>,
@@ -116,6 +119,11 @@ fn validate(path: &Path, text: &str, raw: RawAgent) -> Result<AgentConfig, Confi
             "must be at least 1s (CPU usage needs time between two readings)",
         );
     }
+    let services_interval = check.duration(
+        "collect.services_interval",
+        raw.collect.services_interval.as_deref(),
+        Duration::from_secs(60).max(interval),
+    );
     let path_timeout = check.duration(
         "collect.path_timeout",
         raw.collect.path_timeout.as_deref(),
@@ -199,6 +207,7 @@ fn validate(path: &Path, text: &str, raw: RawAgent) -> Result<AgentConfig, Confi
         collect: CollectConfig {
             interval,
             services: raw.collect.services,
+            services_interval,
             paths,
             path_timeout,
         },
