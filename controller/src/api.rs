@@ -417,33 +417,9 @@ async fn results(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> Respon
     let Some(Identity::Agent(agent)) = peer.identity.clone() else {
         return refuse_identity(shared, H, peer, "the results endpoint");
     };
-    let limit = shared.state.config().max_request_bytes;
-    let body = match dicops_net::body::read_limited(req.into_body(), limit).await {
-        Ok(body) => body,
-        Err(dicops_net::body::BodyError::TooLarge { limit }) => {
-            return refuse(
-                shared,
-                H,
-                peer,
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                format!("result is larger than the limit of {limit} bytes"),
-            )
-        }
-        Err(e) => return refuse(shared, H, peer, StatusCode::BAD_REQUEST, "malformed", e.to_string()),
-    };
-    let result: dicops_proto::TaskResult = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            return refuse(
-                shared,
-                H,
-                peer,
-                StatusCode::BAD_REQUEST,
-                "malformed",
-                format!("result is not valid JSON of the expected shape: {e}"),
-            )
-        }
+    let result: dicops_proto::TaskResult = match read_json(req, peer, shared, H, "result").await {
+        Ok(result) => result,
+        Err(refusal) => return *refusal,
     };
     // The result is committed with an fsync before we acknowledge it: let
     // the runtime move other connections off this thread meanwhile.
@@ -467,61 +443,77 @@ async fn results(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> Respon
     }
 }
 
-async fn report(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> Response<Full<Bytes>> {
-    const H: &str = "report";
-    let Some(Identity::Agent(agent_id)) = peer.identity.clone() else {
-        return refuse_identity(shared, H, peer, "the report endpoint");
-    };
+/// Reads and decodes an agent's JSON body within the size limit, or says
+/// why not. A moderately oversized body is drained so the agent can read
+/// the refusal; a huge one is refused at once and the connection closed.
+async fn read_json<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+    peer: &Peer,
+    shared: &Shared,
+    handler: &'static str,
+    what: &str,
+) -> Result<T, Box<Response<Full<Bytes>>>> {
     let limit = shared.state.config().max_request_bytes;
+    let drain_limit = limit.saturating_mul(4).saturating_add(1 << 20);
+    let too_large = |size: String| {
+        Box::new(refuse(
+            shared,
+            handler,
+            peer,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("{what}{size} is larger than the limit of {limit} bytes"),
+        ))
+    };
     let declared = req
         .headers()
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    // A moderately oversized body is drained so the agent can read the
-    // refusal; a huge one is refused at once and the connection closed.
-    let drain_limit = limit.saturating_mul(4).saturating_add(1 << 20);
     if let Some(declared) = declared.filter(|n| *n > limit) {
         if declared <= drain_limit {
             dicops_net::body::drain(req.into_body(), drain_limit).await;
         }
-        return refuse(
-            shared,
-            H,
-            peer,
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("report of {declared} bytes is larger than the limit of {limit} bytes"),
-        );
+        return Err(too_large(format!(" of {declared} bytes")));
     }
     let mut body = req.into_body();
-    let body = match dicops_net::body::read_limited(&mut body, limit).await {
-        Ok(body) => body,
-        Err(dicops_net::body::BodyError::TooLarge { limit }) => {
+    let bytes = match dicops_net::body::read_limited(&mut body, limit).await {
+        Ok(bytes) => bytes,
+        Err(dicops_net::body::BodyError::TooLarge { .. }) => {
             dicops_net::body::drain(body, drain_limit).await;
-            return refuse(
-                shared,
-                H,
-                peer,
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                format!("report is larger than the limit of {limit} bytes"),
-            );
+            return Err(too_large(String::new()));
         }
-        Err(e) => return refuse(shared, H, peer, StatusCode::BAD_REQUEST, "malformed", e.to_string()),
-    };
-    let report: Report = match serde_json::from_slice(&body) {
-        Ok(report) => report,
         Err(e) => {
-            return refuse(
+            return Err(Box::new(refuse(
                 shared,
-                H,
+                handler,
                 peer,
                 StatusCode::BAD_REQUEST,
                 "malformed",
-                format!("report is not valid JSON of the expected shape: {e}"),
-            )
+                e.to_string(),
+            )))
         }
+    };
+    serde_json::from_slice(&bytes).map_err(|e| {
+        Box::new(refuse(
+            shared,
+            handler,
+            peer,
+            StatusCode::BAD_REQUEST,
+            "malformed",
+            format!("{what} is not valid JSON of the expected shape: {e}"),
+        ))
+    })
+}
+
+async fn report(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> Response<Full<Bytes>> {
+    const H: &str = "report";
+    let Some(Identity::Agent(agent_id)) = peer.identity.clone() else {
+        return refuse_identity(shared, H, peer, "the report endpoint");
+    };
+    let report: Report = match read_json(req, peer, shared, H, "report").await {
+        Ok(report) => report,
+        Err(refusal) => return *refusal,
     };
     if report.agent != agent_id {
         return refuse(
