@@ -17,7 +17,7 @@ use dicops_proto::{JobStatus, RunInfo, Task, TaskKind, TaskOutcome, TaskPoll, Ta
 use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
-use crate::store::{NewRun, RunEnd, RunRecord, RunStatus, Store, StoreError};
+use crate::store::{NewRun, RunEnd, RunStatus, Store, StoreError};
 
 fn to_time(unix: f64) -> DateTime<Utc> {
     let millis = (unix * 1000.0).round() as i64;
@@ -129,26 +129,6 @@ fn random_unit() -> f64 {
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u64(0);
     (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
-}
-
-fn run_info(r: RunRecord) -> RunInfo {
-    RunInfo {
-        id: r.id,
-        job: r.job,
-        kind: r.kind,
-        agents: r.agents,
-        trigger: r.trigger,
-        attempt: r.attempt,
-        status: r.status.as_str().to_string(),
-        created_at: r.created_at,
-        started_at: r.started_at,
-        finished_at: r.finished_at,
-        error: r.error,
-        exit_code: r.exit_code,
-        output_tail: r.output_tail,
-        bytes: r.bytes,
-        files: r.files,
-    }
 }
 
 impl Scheduler {
@@ -673,7 +653,7 @@ impl Scheduler {
         rows.into_iter()
             .map(|(mut job, has_runs)| {
                 if has_runs {
-                    job.last_run = self.store.runs_of(&job.name, 1)?.into_iter().next().map(run_info);
+                    job.last_run = self.store.runs_of(&job.name, 1)?.into_iter().next();
                 }
                 Ok(job)
             })
@@ -684,11 +664,11 @@ impl Scheduler {
         if !self.lock().jobs.contains_key(job) && self.store.runs_of(job, 1)?.is_empty() {
             return Err(SchedulerError::UnknownJob(job.to_string()));
         }
-        Ok(self.store.runs_of(job, limit)?.into_iter().map(run_info).collect())
+        Ok(self.store.runs_of(job, limit)?)
     }
 
     pub fn run(&self, id: i64) -> Result<Option<RunInfo>, StoreError> {
-        Ok(self.store.run(id)?.map(run_info))
+        self.store.run(id)
     }
 
     pub fn store(&self) -> &Store {

@@ -10,8 +10,8 @@ mod migrations;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
+use dicops_proto::RunInfo;
 use rusqlite::{params, Connection, OptionalExtension};
-use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -26,8 +26,7 @@ pub enum StoreError {
 }
 
 /// How a run ended, or where it is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunStatus {
     Queued,
     Running,
@@ -46,36 +45,6 @@ impl RunStatus {
             RunStatus::TimedOut => "timed_out",
         }
     }
-
-    fn parse(text: &str) -> RunStatus {
-        match text {
-            "queued" => RunStatus::Queued,
-            "running" => RunStatus::Running,
-            "succeeded" => RunStatus::Succeeded,
-            "timed_out" => RunStatus::TimedOut,
-            _ => RunStatus::Failed,
-        }
-    }
-}
-
-/// One row of the run history.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct RunRecord {
-    pub id: i64,
-    pub job: String,
-    pub kind: String,
-    pub agents: String,
-    pub trigger: String,
-    pub attempt: u32,
-    pub status: RunStatus,
-    pub created_at: f64,
-    pub started_at: Option<f64>,
-    pub finished_at: Option<f64>,
-    pub error: Option<String>,
-    pub exit_code: Option<i32>,
-    pub output_tail: Option<String>,
-    pub bytes: Option<u64>,
-    pub files: Option<u64>,
 }
 
 /// What the scheduler remembers of a job across restarts.
@@ -132,15 +101,16 @@ pub struct Store {
 const RUN_COLUMNS: &str =
     "id, job, kind, agents, trigger, attempt, status, created_at, started_at, finished_at, error, exit_code, output_tail, bytes, files";
 
-fn run_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
-    Ok(RunRecord {
+/// A row of `runs` as the API shows it.
+fn run_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunInfo> {
+    Ok(RunInfo {
         id: row.get(0)?,
         job: row.get(1)?,
         kind: row.get(2)?,
         agents: row.get(3)?,
         trigger: row.get(4)?,
         attempt: row.get(5)?,
-        status: RunStatus::parse(&row.get::<_, String>(6)?),
+        status: row.get(6)?,
         created_at: row.get(7)?,
         started_at: row.get(8)?,
         finished_at: row.get(9)?,
@@ -325,7 +295,7 @@ impl Store {
 
     /// At start: runs left open by a previous controller process cannot be
     /// followed any more; they are failed with `reason`.
-    pub fn fail_open_runs(&self, reason: &str, now: f64) -> Result<Vec<RunRecord>, StoreError> {
+    pub fn fail_open_runs(&self, reason: &str, now: f64) -> Result<Vec<RunInfo>, StoreError> {
         let conn = self.conn();
         let mut open = Vec::new();
         {
@@ -344,7 +314,7 @@ impl Store {
         Ok(open)
     }
 
-    pub fn run(&self, id: i64) -> Result<Option<RunRecord>, StoreError> {
+    pub fn run(&self, id: i64) -> Result<Option<RunInfo>, StoreError> {
         Ok(self
             .conn()
             .query_row(
@@ -356,7 +326,7 @@ impl Store {
     }
 
     /// The newest runs of a job, newest first.
-    pub fn runs_of(&self, job: &str, limit: u32) -> Result<Vec<RunRecord>, StoreError> {
+    pub fn runs_of(&self, job: &str, limit: u32) -> Result<Vec<RunInfo>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!(
             "SELECT {RUN_COLUMNS} FROM runs WHERE job = ?1 ORDER BY id DESC LIMIT ?2"
@@ -482,7 +452,7 @@ mod tests {
             .finish_run(id, RunStatus::Failed, &RunEnd::default(), 111.0)
             .expect("again"));
         let run = store.run(id).expect("read").expect("exists");
-        assert_eq!(run.status, RunStatus::Succeeded);
+        assert_eq!(run.status, RunStatus::Succeeded.as_str());
         assert_eq!(
             (run.started_at, run.finished_at, run.bytes),
             (Some(101.0), Some(110.0), Some(42))
@@ -504,12 +474,12 @@ mod tests {
         assert_eq!(failed.iter().map(|r| r.id).collect::<Vec<_>>(), [a, b]);
         let run = store.run(b).expect("read").expect("exists");
         assert_eq!(
-            (run.status, run.error.as_deref()),
-            (RunStatus::Failed, Some("controller restarted"))
+            (run.status.as_str(), run.error.as_deref()),
+            ("failed", Some("controller restarted"))
         );
         assert_eq!(
             store.run(done).expect("read").expect("exists").status,
-            RunStatus::Succeeded
+            RunStatus::Succeeded.as_str()
         );
     }
 
