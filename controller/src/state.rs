@@ -337,36 +337,24 @@ impl State {
             }
         }
 
-        e.family(m::HOST_PATH_SIZE);
-        for (site, agent, r) in &up {
-            for p in r
-                .report
-                .health
-                .paths
-                .iter()
-                .filter(|p| p.state == dicops_proto::PathState::Ok)
-            {
-                e.sample(
-                    m::HOST_PATH_SIZE,
-                    &[("site", site), ("agent", agent), ("path", &p.path)],
-                    p.size_bytes as f64,
-                );
-            }
-        }
-        e.family(m::HOST_PATH_AVAIL);
-        for (site, agent, r) in &up {
-            for p in r
-                .report
-                .health
-                .paths
-                .iter()
-                .filter(|p| p.state == dicops_proto::PathState::Ok)
-            {
-                e.sample(
-                    m::HOST_PATH_AVAIL,
-                    &[("site", site), ("agent", agent), ("path", &p.path)],
-                    p.avail_bytes as f64,
-                );
+        // Sizes only for paths that answered; every path has a state.
+        type Path = fn(&dicops_proto::PathUsage) -> f64;
+        let path_families: [(m::Def, Path); 2] = [
+            (m::HOST_PATH_SIZE, |p| p.size_bytes as f64),
+            (m::HOST_PATH_AVAIL, |p| p.avail_bytes as f64),
+        ];
+        for (def, get) in path_families {
+            e.family(def);
+            for (site, agent, r) in &up {
+                for p in r
+                    .report
+                    .health
+                    .paths
+                    .iter()
+                    .filter(|p| p.state == dicops_proto::PathState::Ok)
+                {
+                    e.sample(def, &[("site", site), ("agent", agent), ("path", &p.path)], get(p));
+                }
             }
         }
         e.family(m::HOST_PATH_STATE);
