@@ -33,6 +33,8 @@ enum Command {
     Demo(cli::demo::DemoArgs),
     /// Every job with its next fire and last result.
     Jobs(cli::jobs::CliArgs),
+    /// Every backup of both sites against its max_age, stale first (exit 1 if any is stale).
+    Backups(cli::jobs::CliArgs),
     /// Run a job now (`--follow` to watch it to the end).
     Run(cli::jobs::RunArgs),
     /// Stop a job's schedule from firing until resumed.
@@ -71,6 +73,7 @@ fn main() -> ExitCode {
         Command::CheckLink(a) => cli::block_on(cli::check_link::run(a)),
         Command::Demo(a) => cli::block_on(cli::demo::run(a)),
         Command::Jobs(a) => cli::block_on(cli::jobs::list(a)),
+        Command::Backups(a) => cli::block_on(cli::jobs::backups(a)),
         Command::Run(a) => cli::block_on(cli::jobs::run(a)),
         Command::Pause(a) => cli::block_on(cli::jobs::pause(a, true)),
         Command::Resume(a) => cli::block_on(cli::jobs::pause(a, false)),

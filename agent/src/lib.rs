@@ -2,7 +2,9 @@
 //! the controller over mutual TLS. It only dials out: the controller never
 //! needs to reach an agent's control port.
 
+mod backup;
 pub mod collect;
+mod process;
 mod report;
 mod spool;
 mod tasks;
@@ -126,12 +128,23 @@ pub fn start(config: AgentConfig, shutdown: CancellationToken) -> Result<Running
             "tasks interrupted by the previous agent stop are reported as failed"
         );
     }
+    let backups = Arc::new(backup::Backups::new(
+        &config.state_dir,
+        &config.commands,
+        &config.watches,
+        config.timezone,
+    ));
+    backups
+        .start_scanner(config.collect.backups_interval)
+        .map_err(StartError::Thread)?;
     let tasks = Arc::new(tasks::Tasks {
         config_file: config.source.display().to_string(),
         commands: config.commands.clone(),
         spool,
         results_ready: Arc::new(tokio::sync::Notify::new()),
         running: std::sync::Mutex::new(std::collections::HashMap::new()),
+        backups: backups.clone(),
+        progress: Arc::default(),
     });
     let new_client = || {
         HttpsClient::new(&config.controller_url, Identity::Controller, tls.clone()).map_err(|source| StartError::Url {
@@ -141,6 +154,7 @@ pub fn start(config: AgentConfig, shutdown: CancellationToken) -> Result<Running
     };
     let poller = tokio::spawn(tasks.clone().poll_loop(new_client()?, shutdown.clone()));
     let sender = tokio::spawn(tasks.clone().send_loop(new_client()?, shutdown.clone()));
+    let progress = tokio::spawn(tasks.clone().progress_loop(new_client()?, shutdown.clone()));
 
     let (snapshot_tx, snapshot_rx) = watch::channel(None);
     let (stop_tx, stop_rx) = mpsc::channel::<()>();
@@ -159,6 +173,7 @@ pub fn start(config: AgentConfig, shutdown: CancellationToken) -> Result<Running
         instance: format!("{:016x}", jitter.next_u64()),
         client,
         tls,
+        backups,
         backoff: Backoff {
             max: Duration::from_secs(60)
                 .min(config.collect.interval * 4)
@@ -169,7 +184,7 @@ pub fn start(config: AgentConfig, shutdown: CancellationToken) -> Result<Running
     let reporter = tokio::spawn(reporter.run(snapshot_rx, shutdown));
     tracing::info!(agent = %config.id, controller = %config.controller_url, interval_s = config.collect.interval.as_secs_f64(), "agent started");
     Ok(Running {
-        tasks: vec![reporter, watcher, poller, sender],
+        tasks: vec![reporter, watcher, poller, sender, progress],
         collector: Some(collector),
         stop_collector: Some(stop_tx),
     })

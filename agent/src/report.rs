@@ -26,6 +26,7 @@ pub struct Reporter {
     pub instance: String,
     pub client: HttpsClient,
     pub tls: Arc<TlsReloader>,
+    pub backups: Arc<crate::backup::Backups>,
     pub backoff: Backoff,
 }
 
@@ -88,6 +89,7 @@ impl Reporter {
                     info: self.info.clone(),
                     health: snapshot.health,
                     report_failures: failures,
+                    backups: self.backups.latest(),
                     certificate_expiry_timestamp_seconds: Some(self.tls.not_after()),
                 };
                 match self.send(&report).await {

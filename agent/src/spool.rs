@@ -24,7 +24,7 @@ pub struct Spool {
     rejected: PathBuf,
 }
 
-fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = dir.join(format!(".{name}.tmp"));
     let mut file = fs::File::create(&tmp)?;
     file.write_all(bytes)?;
@@ -162,7 +162,7 @@ impl Spool {
                 pid,
                 "stopping the command an earlier agent process left running"
             );
-            crate::tasks::kill_group(pid);
+            crate::process::kill_group(pid);
         }
         let _ = fs::remove_file(&path);
     }
@@ -182,18 +182,27 @@ impl Spool {
                 .and_then(|b| serde_json::from_slice::<Task>(&b).ok())
                 .map(|t| t.job)
                 .unwrap_or_default();
+            // The task file was written just before the command started.
+            let started_at = fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(now, |d| d.as_secs_f64());
             if !self.results.join(format!("{run_id}.json")).exists() {
                 self.complete(&TaskResult {
                     run_id,
                     job,
-                    outcome: TaskOutcome::Failed,
-                    error: Some("the agent stopped during the run (crash, kill or reboot); the command was interrupted and its outcome is unknown".into()),
+                    outcome: TaskOutcome::Interrupted,
+                    error: Some("interrupted: the agent stopped during the run (crash, kill or reboot); the command was stopped and its outcome is unknown, so it is not counted as a success".into()),
                     exit_code: None,
-                    started_at: now,
+                    started_at,
                     finished_at: now,
                     output_tail: String::new(),
                     bytes: None,
                     files: None,
+                    output_dir: None,
+                    artifacts: Vec::new(),
+                    artifacts_omitted: 0,
                 })?;
                 recovered += 1;
             } else {
@@ -232,6 +241,9 @@ mod tests {
             output_tail: "ok".into(),
             bytes: None,
             files: None,
+            output_dir: None,
+            artifacts: Vec::new(),
+            artifacts_omitted: 0,
         }
     }
 
@@ -261,7 +273,7 @@ mod tests {
         assert_eq!(spool.recover(5.0).expect("recover"), 1);
         let pending = spool.pending();
         assert_eq!(pending.len(), 1);
-        assert_eq!(pending[0].outcome, TaskOutcome::Failed);
+        assert_eq!(pending[0].outcome, TaskOutcome::Interrupted);
         assert!(pending[0].error.as_deref().unwrap_or("").contains("interrupted"));
         // Recovering again adds nothing.
         assert_eq!(spool.recover(6.0).expect("recover"), 0);

@@ -6,20 +6,21 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dicops_config::CommandConfig;
+use dicops_config::{CommandConfig, OutputConfig};
 use dicops_core::backoff::Backoff;
 use dicops_net::{FailureClass, HttpsClient};
-use dicops_proto::{ApiError, ResultAck, Task, TaskKind, TaskOutcome, TaskPoll, TaskResult};
+use dicops_proto::{ApiError, ResultAck, RunProgress, Task, TaskKind, TaskOutcome, TaskPoll, TaskResult};
 use hyper::Method;
-use tokio::io::AsyncReadExt;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::backup::{scan, Backups};
+use crate::process::{self, LastLine};
 use crate::report::{now_unix, Jitter};
 use crate::spool::Spool;
 
-/// The end of a command's output kept in the run record.
-const OUTPUT_TAIL_BYTES: usize = 8 * 1024;
+/// How often a running task's progress is posted.
+const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 
 pub struct Tasks {
     pub config_file: String,
@@ -28,6 +29,42 @@ pub struct Tasks {
     /// Results waiting to be sent.
     pub results_ready: Arc<Notify>,
     pub running: Mutex<HashMap<i64, CancellationToken>>,
+    pub backups: Arc<Backups>,
+    pub progress: Arc<ProgressBoard>,
+}
+
+/// The latest progress of each running task; `progress_loop` posts it.
+#[derive(Default)]
+pub struct ProgressBoard {
+    latest: Mutex<HashMap<i64, RunProgress>>,
+    /// Runs whose progress changed since the last post.
+    changed: Mutex<Vec<i64>>,
+    ready: Notify,
+}
+
+impl ProgressBoard {
+    fn set(&self, progress: RunProgress) {
+        let run_id = progress.run_id;
+        self.latest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(run_id, progress);
+        let mut changed = self.changed.lock().unwrap_or_else(|p| p.into_inner());
+        if !changed.contains(&run_id) {
+            changed.push(run_id);
+        }
+        self.ready.notify_one();
+    }
+
+    fn forget(&self, run_id: i64) {
+        self.latest.lock().unwrap_or_else(|p| p.into_inner()).remove(&run_id);
+    }
+
+    fn take_changed(&self) -> Vec<RunProgress> {
+        let ids = std::mem::take(&mut *self.changed.lock().unwrap_or_else(|p| p.into_inner()));
+        let latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
+        ids.iter().filter_map(|id| latest.get(id).cloned()).collect()
+    }
 }
 
 impl Tasks {
@@ -144,31 +181,272 @@ impl Tasks {
             output_tail: String::new(),
             bytes: None,
             files: None,
+            output_dir: None,
+            artifacts: Vec::new(),
+            artifacts_omitted: 0,
         };
-        match &task.kind {
-            TaskKind::Command { name } => match self.commands.get(name) {
-                None => {
-                    result.error = Some(format!(
-                        "command {name:?} is not defined in this agent's config ({}); an agent runs only the commands its own config names",
-                        self.config_file
-                    ));
-                    tracing::warn!(run = task.run_id, command = %name, "refused a task for an unknown command");
+        let TaskKind::Command { name } = &task.kind;
+        match self.commands.get(name) {
+            None => {
+                result.error = Some(format!(
+                    "command {name:?} is not defined in this agent's config ({}); an agent runs only the commands its own config names",
+                    self.config_file
+                ));
+                tracing::warn!(run = task.run_id, command = %name, "refused a task for an unknown command");
+            }
+            Some(command) => {
+                let left = Duration::from_secs_f64((task.deadline - started_at).max(1.0));
+                let limit = command.timeout.min(left);
+                tracing::info!(run = task.run_id, job = %task.job, command = %name, "running command");
+                match &command.output {
+                    None => {
+                        let env = process::environment(command, &dicops_vars(task, name, None));
+                        self.run_command(task, command, &env, limit, cancel, &mut result, None)
+                            .await;
+                    }
+                    Some(output) => {
+                        self.run_backup(task, name, command, output, limit, cancel, &mut result)
+                            .await
+                    }
                 }
-                Some(command) => {
-                    let left = Duration::from_secs_f64((task.deadline - started_at).max(1.0));
-                    let limit = command.timeout.min(left);
-                    tracing::info!(run = task.run_id, job = %task.job, command = %name, "running command");
-                    run_command(command, limit, cancel, &mut result, |pid| {
-                        if let Err(e) = self.spool.note_process(task.run_id, pid) {
-                            tracing::warn!(run = task.run_id, error = %e, "cannot note the command's pid");
-                        }
-                    })
-                    .await;
-                }
-            },
+            }
         }
+        self.forget_progress(task.run_id);
         result.finished_at = now_unix();
         result
+    }
+
+    /// Runs the command and fills in the result's exit, error and output.
+    #[allow(clippy::too_many_arguments)]
+    async fn run_command(
+        &self,
+        task: &Task,
+        command: &CommandConfig,
+        env: &std::collections::BTreeMap<String, String>,
+        limit: Duration,
+        cancel: CancellationToken,
+        result: &mut TaskResult,
+        output: Option<(&OutputConfig, &[scan::FileInfo])>,
+    ) {
+        let last_line = LastLine::default();
+        let reporter = self.progress_while_running(task.run_id, last_line.clone(), output);
+        let finished = process::run(command, env, limit, cancel, last_line, |pid| {
+            if let Err(e) = self.spool.note_process(task.run_id, pid) {
+                tracing::warn!(run = task.run_id, error = %e, "cannot note the command's pid");
+            }
+        })
+        .await;
+        drop(reporter);
+        result.exit_code = finished.exit_code;
+        result.error = finished.error;
+        result.output_tail = finished.output_tail;
+        if finished.succeeded {
+            result.outcome = TaskOutcome::Succeeded;
+        }
+    }
+
+    /// A backup run: free space checked first, the command run, then what
+    /// it produced in its output folder measured and checksummed, recorded
+    /// in the ledger, and local retention applied.
+    #[allow(clippy::too_many_arguments)]
+    async fn run_backup(
+        &self,
+        task: &Task,
+        name: &str,
+        command: &CommandConfig,
+        output: &OutputConfig,
+        limit: Duration,
+        cancel: CancellationToken,
+        result: &mut TaskResult,
+    ) {
+        result.output_dir = Some(output.dir.display().to_string());
+        self.set_progress(task.run_id, "checking", None, None, None);
+        let dir = output.dir.clone();
+        let checked = {
+            let output = output.clone();
+            blocking(move || {
+                Backups::check_free_space(&output).and_then(|()| scan::list_files(&output.dir, true, None))
+            })
+            .await
+        };
+        let before = match checked {
+            Ok(before) => before,
+            Err(e) => {
+                tracing::warn!(run = task.run_id, error = %e, "backup not started");
+                result.error = Some(e);
+                return;
+            }
+        };
+        let env = process::environment(command, &dicops_vars(task, name, Some(&dir)));
+        self.run_command(task, command, &env, limit, cancel, result, Some((output, &before)))
+            .await;
+        self.set_progress(task.run_id, "hashing", None, None, None);
+        let produced = {
+            let dir = dir.clone();
+            blocking(move || scan::list_files(&dir, true, None).map(|after| scan::produced(&before, &after))).await
+        };
+        let produced = match produced {
+            Ok(files) => files,
+            Err(e) => {
+                result.outcome = TaskOutcome::Failed;
+                result.error = Some(format!("cannot read the output folder after the run: {e}"));
+                return;
+            }
+        };
+        let bytes: u64 = produced.iter().map(|f| f.size).sum();
+        result.bytes = Some(bytes);
+        result.files = Some(produced.len() as u64);
+        if result.outcome != TaskOutcome::Succeeded {
+            if !produced.is_empty() {
+                let note = format!(
+                    "; it left {} file(s), {}, in {} that are not counted as a backup",
+                    produced.len(),
+                    dicops_core::units::format_bytes(bytes),
+                    dir.display()
+                );
+                result.error = Some(result.error.take().unwrap_or_default() + &note);
+            }
+            return;
+        }
+        if bytes == 0 {
+            result.outcome = TaskOutcome::Failed;
+            result.error = Some(format!(
+                "{} exited 0 but wrote {} into its output folder {}: an empty backup is a failed backup",
+                command.argv[0],
+                if produced.is_empty() {
+                    "nothing"
+                } else {
+                    "only empty files"
+                },
+                dir.display()
+            ));
+            return;
+        }
+        let manifest = {
+            let dir = dir.clone();
+            let produced = produced.clone();
+            blocking(move || scan::manifest(&dir, &produced)).await
+        };
+        let artifacts = match manifest {
+            Ok(artifacts) => artifacts,
+            Err(e) => {
+                result.outcome = TaskOutcome::Failed;
+                result.error = Some(e);
+                return;
+            }
+        };
+        self.set_progress(task.run_id, "retention", Some(bytes), Some(produced.len() as u64), None);
+        let recorded = {
+            let backups = self.backups.clone();
+            let (name, run_id, started_at, artifacts) =
+                (name.to_string(), task.run_id, result.started_at, artifacts.clone());
+            blocking(move || backups.record_run(&name, run_id, started_at, &artifacts)).await
+        };
+        match recorded {
+            Ok(retention) => {
+                if !retention.deleted.is_empty() || retention.blocked > 0 {
+                    tracing::info!(
+                        run = task.run_id,
+                        deleted = retention.deleted.len(),
+                        blocked = retention.blocked,
+                        "local retention applied"
+                    );
+                }
+            }
+            Err(e) => {
+                // The backup itself is good; only its bookkeeping failed.
+                tracing::error!(run = task.run_id, error = %e, "cannot record the backup in its ledger; retention skipped");
+            }
+        }
+        self.backups.rescan();
+        result.artifacts_omitted = artifacts.len().saturating_sub(dicops_proto::MAX_MANIFEST_ENTRIES) as u64;
+        result.artifacts = artifacts;
+        result.artifacts.truncate(dicops_proto::MAX_MANIFEST_ENTRIES);
+    }
+
+    fn set_progress(&self, run_id: i64, phase: &str, bytes: Option<u64>, files: Option<u64>, message: Option<String>) {
+        self.progress.set(RunProgress {
+            run_id,
+            phase: phase.to_string(),
+            bytes,
+            files,
+            message,
+            updated_at: now_unix(),
+        });
+    }
+
+    fn forget_progress(&self, run_id: i64) {
+        self.progress.forget(run_id);
+    }
+
+    /// While the command runs: its last output line and, for a backup,
+    /// what it has written so far, every few seconds. Stops when the
+    /// returned guard is dropped.
+    fn progress_while_running(
+        &self,
+        run_id: i64,
+        last_line: LastLine,
+        output: Option<(&OutputConfig, &[scan::FileInfo])>,
+    ) -> tokio_util::sync::DropGuard {
+        let stop = CancellationToken::new();
+        let output = output.map(|(o, before)| (o.dir.clone(), before.to_vec()));
+        let board = self.progress.clone();
+        let token = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let written = match &output {
+                    Some((dir, before)) => {
+                        let (dir, before) = (dir.clone(), before.clone());
+                        blocking(move || {
+                            scan::list_files(&dir, true, None).map(|after| scan::produced(&before, &after))
+                        })
+                        .await
+                        .ok()
+                    }
+                    None => None,
+                };
+                if token.is_cancelled() {
+                    return;
+                }
+                let line = last_line.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                board.set(RunProgress {
+                    run_id,
+                    phase: "running".into(),
+                    bytes: written.as_ref().map(|files| files.iter().map(|f| f.size).sum()),
+                    files: written.as_ref().map(|files| files.len() as u64),
+                    message: (!line.is_empty()).then_some(line),
+                    updated_at: now_unix(),
+                });
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = tokio::time::sleep(PROGRESS_EVERY) => {}
+                }
+            }
+        });
+        stop.drop_guard()
+    }
+
+    /// Posts progress as it changes. Best effort: a lost post is replaced
+    /// by the next one, and nothing waits for it.
+    pub async fn progress_loop(self: Arc<Self>, mut client: HttpsClient, shutdown: CancellationToken) {
+        client.request_timeout = Duration::from_secs(5);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.progress.ready.notified() => {}
+            }
+            for progress in self.progress.take_changed() {
+                let Ok(body) = serde_json::to_vec(&progress) else {
+                    continue;
+                };
+                if let Err(e) = client
+                    .request(Method::POST, dicops_proto::PROGRESS_PATH, Some(body))
+                    .await
+                {
+                    tracing::debug!(run = progress.run_id, error = %e, "progress not posted");
+                }
+            }
+        }
     }
 
     /// Sends spooled results until each is acknowledged.
@@ -239,111 +517,23 @@ async fn send(client: &mut HttpsClient, result: &TaskResult) -> Result<ResultAck
     }
 }
 
-/// Keeps the last `OUTPUT_TAIL_BYTES` of a stream.
-async fn tail<R: tokio::io::AsyncRead + Unpin>(mut reader: R) -> Vec<u8> {
-    let mut kept = Vec::new();
-    let mut buf = [0u8; 8192];
-    loop {
-        match reader.read(&mut buf).await {
-            Ok(0) | Err(_) => return kept,
-            Ok(n) => {
-                kept.extend_from_slice(&buf[..n]);
-                if kept.len() > 2 * OUTPUT_TAIL_BYTES {
-                    kept.drain(..kept.len() - OUTPUT_TAIL_BYTES);
-                }
-            }
-        }
+/// The DICOPS_* variables a command gets.
+fn dicops_vars(task: &Task, command: &str, output: Option<&std::path::Path>) -> Vec<(&'static str, String)> {
+    let mut vars = vec![
+        ("DICOPS_RUN_ID", task.run_id.to_string()),
+        ("DICOPS_JOB", task.job.clone()),
+        ("DICOPS_COMMAND", command.to_string()),
+        ("DICOPS_ATTEMPT", task.attempt.to_string()),
+    ];
+    if let Some(dir) = output {
+        vars.push(("DICOPS_OUTPUT_DIR", dir.display().to_string()));
     }
+    vars
 }
 
-#[allow(unsafe_code)]
-pub(crate) fn kill_group(pid: u32) {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return;
-    };
-    // SAFETY: kill(2) on the process group we created for this command
-    // (process_group(0) makes the child its leader).
-    unsafe {
-        libc::kill(-pid, libc::SIGKILL);
-    }
-}
-
-/// Runs one allowlisted command: no shell, own process group (a timeout
-/// kills everything it started), output tail kept.
-async fn run_command(
-    command: &CommandConfig,
-    limit: Duration,
-    cancel: CancellationToken,
-    result: &mut TaskResult,
-    started: impl FnOnce(u32),
-) {
-    let mut cmd = tokio::process::Command::new(&command.argv[0]);
-    cmd.args(&command.argv[1..])
-        .envs(&command.env)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    if let Some(dir) = &command.working_dir {
-        cmd.current_dir(dir);
-    }
-    let mut child = match cmd.spawn() {
-        Ok(child) => child,
-        Err(e) => {
-            result.error = Some(format!("cannot start {}: {e}", command.argv[0]));
-            return;
-        }
-    };
-    let pid = child.id();
-    if let Some(pid) = pid {
-        started(pid);
-    }
-    let stdout = child.stdout.take().map(|s| tokio::spawn(tail(s)));
-    let stderr = child.stderr.take().map(|s| tokio::spawn(tail(s)));
-    let status = tokio::select! {
-        status = child.wait() => Some(status),
-        _ = tokio::time::sleep(limit) => {
-            result.error = Some(format!("the command ran longer than {} s and was killed with its process group", limit.as_secs()));
-            None
-        }
-        _ = cancel.cancelled() => {
-            result.error = Some("the run was cancelled (the controller's max_runtime passed, or the agent is stopping); the command was killed".into());
-            None
-        }
-    };
-    if status.is_none() {
-        if let Some(pid) = pid {
-            kill_group(pid);
-        }
-        let _ = child.wait().await;
-    }
-    let mut output = Vec::new();
-    for handle in [stdout, stderr].into_iter().flatten() {
-        if let Ok(bytes) = handle.await {
-            output.extend_from_slice(&bytes);
-        }
-    }
-    let start = output.len().saturating_sub(OUTPUT_TAIL_BYTES);
-    result.output_tail = String::from_utf8_lossy(&output[start..]).into_owned();
-    if let Some(status) = status {
-        match status {
-            Ok(status) if status.success() => {
-                result.outcome = TaskOutcome::Succeeded;
-                result.exit_code = Some(0);
-            }
-            Ok(status) => {
-                use std::os::unix::process::ExitStatusExt;
-                result.exit_code = status.code();
-                result.error = Some(match (status.code(), status.signal()) {
-                    (Some(code), _) => format!("{} exited with status {code}", command.argv[0]),
-                    (None, Some(signal)) => {
-                        format!("{} was killed by signal {signal}", command.argv[0])
-                    }
-                    _ => format!("{} failed", command.argv[0]),
-                });
-            }
-            Err(e) => result.error = Some(format!("cannot wait for {}: {e}", command.argv[0])),
-        }
-    }
+/// Runs blocking file work off the async threads.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T, String> + Send + 'static) -> Result<T, String> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|e| Err(format!("internal error: {e}")))
 }

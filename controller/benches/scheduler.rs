@@ -106,6 +106,9 @@ fn main() {
                             output_tail: String::new(),
                             bytes: None,
                             files: None,
+                            output_dir: None,
+                            artifacts: Vec::new(),
+                            artifacts_omitted: 0,
                         };
                         if let Err(e) = tokio::task::block_in_place(|| {
                             scheduler.record_result(&agent, &result, &metrics, Utc::now())

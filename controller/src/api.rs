@@ -114,6 +114,8 @@ enum Route {
     JobAction(String, JobAction),
     Run(i64),
     Reload,
+    Backups,
+    Progress,
     Other,
 }
 
@@ -137,6 +139,8 @@ impl Route {
             dicops_proto::RESULTS_PATH => return Route::Results,
             dicops_proto::JOBS_PATH => return Route::Jobs,
             dicops_proto::RELOAD_PATH => return Route::Reload,
+            dicops_proto::BACKUPS_PATH => return Route::Backups,
+            dicops_proto::PROGRESS_PATH => return Route::Progress,
             _ => {}
         }
         if let Some(rest) = path
@@ -182,13 +186,15 @@ impl Route {
             Route::JobAction(..) => "job_action",
             Route::Run(_) => "run",
             Route::Reload => "reload",
+            Route::Backups => "backups",
+            Route::Progress => "progress",
             Route::Other => "other",
         }
     }
 
     fn method(&self) -> Method {
         match self {
-            Route::Report | Route::Results | Route::Reload => Method::POST,
+            Route::Report | Route::Results | Route::Reload | Route::Progress => Method::POST,
             Route::JobAction(_, JobAction::History) => Method::GET,
             Route::JobAction(..) => Method::POST,
             _ => Method::GET,
@@ -231,14 +237,14 @@ pub async fn route(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> (&'s
     }
     let operator_only = !matches!(
         route,
-        Route::Healthz | Route::Readyz | Route::Report | Route::Tasks | Route::Results
+        Route::Healthz | Route::Readyz | Route::Report | Route::Tasks | Route::Results | Route::Progress
     );
     if operator_only {
         if let Some(refusal) = authorize(shared, handler, peer, operator_or_controller, &path) {
             return (handler, refusal);
         }
     }
-    if matches!(route, Route::Tasks | Route::Results) {
+    if matches!(route, Route::Tasks | Route::Results | Route::Progress) {
         if let Some(refusal) = authorize(shared, handler, peer, is_agent, &path) {
             return (handler, refusal);
         }
@@ -257,6 +263,8 @@ pub async fn route(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> (&'s
         Route::Report => report(req, peer, shared).await,
         Route::Tasks => tasks(&req, peer, shared).await,
         Route::Results => results(req, peer, shared).await,
+        Route::Progress => progress(req, peer, shared).await,
+        Route::Backups => json(StatusCode::OK, &crate::backups_view(shared)),
         Route::Jobs => match shared.scheduler.jobs() {
             Ok(jobs) => json(StatusCode::OK, &jobs),
             Err(e) => internal(shared, handler, peer, e),
@@ -440,6 +448,22 @@ async fn results(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> Respon
             refuse(shared, H, peer, StatusCode::FORBIDDEN, e.reason(), e.to_string())
         }
         Err(e) => internal(shared, H, peer, e),
+    }
+}
+
+/// A running task's progress (best effort for the agent; kept in memory).
+async fn progress(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> Response<Full<Bytes>> {
+    const H: &str = "progress";
+    let Some(Identity::Agent(agent)) = peer.identity.clone() else {
+        return refuse_identity(shared, H, peer, "the progress endpoint");
+    };
+    let progress: dicops_proto::RunProgress = match read_json(req, peer, shared, H, "progress").await {
+        Ok(progress) => progress,
+        Err(refusal) => return *refusal,
+    };
+    match shared.scheduler.set_progress(&agent, progress) {
+        Ok(()) => respond(StatusCode::NO_CONTENT, JSON, ""),
+        Err(e) => refuse(shared, H, peer, StatusCode::FORBIDDEN, e.reason(), e.to_string()),
     }
 }
 

@@ -4,6 +4,7 @@
 //! a JSON API.
 
 mod api;
+mod backups;
 pub mod metrics;
 pub mod scheduler;
 mod server;
@@ -59,12 +60,21 @@ pub fn render_metrics(shared: &Shared) -> Vec<u8> {
     ];
     shared.state.render(now_unix(), &own, &mut text);
     render_jobs(shared, &mut text);
+    backups::render(&backups_view(shared), &mut text);
     let mut out = text.into_bytes();
     shared.metrics.encode_registry(&mut out);
     shared
         .last_metrics_len
         .store(out.len(), std::sync::atomic::Ordering::Relaxed);
     out
+}
+
+/// Every backup of both sites, as of now.
+pub(crate) fn backups_view(shared: &Shared) -> Vec<dicops_proto::BackupStatus> {
+    let now = now_unix();
+    backups::view(&shared.state.config(), &shared.scheduler.job_metrics(), |agent| {
+        shared.state.agent(agent, now)
+    })
 }
 
 fn render_jobs(shared: &Shared, out: &mut String) {

@@ -105,10 +105,23 @@ defs! {
     JOB_EVER_SUCCEEDED = "dicops_job_ever_succeeded", Gauge, "1 once the job has had a successful run (within the kept history).";
     JOB_RUNNING = "dicops_job_running", Gauge, "1 while a run of the job is queued or going.";
     JOB_PAUSED = "dicops_job_paused", Gauge, "1 while an operator has paused the job.";
-    JOB_RUNS = "dicops_job_runs_total", Counter, "Runs ended, by job and result (succeeded, failed, timed_out).";
+    JOB_RUNS = "dicops_job_runs_total", Counter, "Runs ended, by job and result (succeeded, failed, timed_out, interrupted).";
     JOB_SKIPPED = "dicops_job_skipped_total", Counter, "Scheduled fires that did not start a run, by job and reason (overlap, paused).";
     JOB_TIMEOUTS = "dicops_job_timeouts_total", Counter, "Runs stopped for exceeding their max_runtime.";
     DISPATCH_DELAY = "dicops_scheduler_dispatch_delay_seconds", Histogram, "Time from a run's due time to its task being handed to the agent's queue.";
+    BACKUP_LAST_SUCCESS = "dicops_backup_last_success_timestamp_seconds", Gauge, "When the backup last succeeded: the start of its last successful run, or for a watched folder the time the newest file was written. Stale when time() minus this exceeds dicops_backup_max_age_seconds.";
+    BACKUP_LAST_RUN = "dicops_backup_last_run_timestamp_seconds", Gauge, "When the backup's last run started (run backups).";
+    BACKUP_LAST_DURATION = "dicops_backup_last_duration_seconds", Gauge, "How long the backup's last finished run took, whatever its result (run backups).";
+    BACKUP_LAST_SIZE = "dicops_backup_last_size_bytes", Gauge, "Size of the last backup: what the last successful run wrote to its output folder, or the newest file of a watched folder.";
+    BACKUP_RUNS = "dicops_backup_runs_total", Counter, "Backup runs ended, by result (succeeded, failed, timed_out, interrupted).";
+    BACKUP_MAX_AGE = "dicops_backup_max_age_seconds", Gauge, "The backup's freshness objective from the controller config (max_age).";
+    BACKUP_LAST_OK = "dicops_backup_last_run_successful", Gauge, "1 if the backup's last finished run succeeded, 0 if it failed, timed out or was interrupted (run backups).";
+    BACKUP_ARTIFACTS = "dicops_backup_artifacts", Gauge, "Backups present on the agent: files matching a watched folder's glob, or runs whose artifacts are still in a command's output folder.";
+    BACKUP_ARTIFACTS_BYTES = "dicops_backup_artifacts_bytes", Gauge, "Total size of the backups present on the agent.";
+    BACKUP_RETENTION_BLOCKED = "dicops_backup_retention_blocked", Gauge, "Backups that local retention would delete but keeps because they are not yet in the other site. Growing means replication is stuck and the disk will fill.";
+    BACKUP_RETENTION_BLOCKED_BYTES = "dicops_backup_retention_blocked_bytes", Gauge, "Size of the backups kept only because they are not yet in the other site.";
+    BACKUP_FOLDER_READABLE = "dicops_backup_folder_readable", Gauge, "1 if the agent could read the backup's folder at its last scan; 0 when it is missing, not a folder, or unreadable (the error is in `dicops backups`).";
+    BACKUP_SCAN = "dicops_backup_scan_timestamp_seconds", Gauge, "When the agent last scanned the backup's folder.";
 }
 
 /// The controller's own instruments.
@@ -127,6 +140,7 @@ pub struct Metrics {
     pub job_skipped: IntCounterVec,
     pub job_timeouts: IntCounterVec,
     pub dispatch_delay: prometheus::Histogram,
+    pub backup_runs: IntCounterVec,
 }
 
 fn opts(def: Def) -> Opts {
@@ -159,6 +173,7 @@ impl Metrics {
                 HistogramOpts::new(DISPATCH_DELAY.name, DISPATCH_DELAY.help)
                     .buckets(vec![0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0]),
             )?,
+            backup_runs: IntCounterVec::new(opts(BACKUP_RUNS), &["site", "agent", "job", "result"])?,
             registry,
         };
         let r = &metrics.registry;
@@ -173,6 +188,7 @@ impl Metrics {
         r.register(Box::new(metrics.config_reload_time.clone()))?;
         r.register(Box::new(metrics.connections_open.clone()))?;
         r.register(Box::new(metrics.job_runs.clone()))?;
+        r.register(Box::new(metrics.backup_runs.clone()))?;
         r.register(Box::new(metrics.job_skipped.clone()))?;
         r.register(Box::new(metrics.job_timeouts.clone()))?;
         r.register(Box::new(metrics.dispatch_delay.clone()))?;

@@ -12,12 +12,12 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 use dicops_config::{ControllerConfig, JobConfig, JobKind};
-use dicops_core::jobs::{Action, JobTimer, Outcome};
-use dicops_proto::{JobStatus, RunInfo, Task, TaskKind, TaskOutcome, TaskPoll, TaskResult};
+use dicops_core::jobs::{Action, ActiveRun, JobTimer, Outcome, Trigger};
+use dicops_proto::{JobStatus, RunInfo, RunProgress, Task, TaskKind, TaskOutcome, TaskPoll, TaskResult};
 use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
-use crate::store::{NewRun, RunEnd, RunStatus, Store, StoreError};
+use crate::store::{JobSummary, NewRun, RunEnd, RunStatus, Store, StoreError};
 
 fn to_time(unix: f64) -> DateTime<Utc> {
     let millis = (unix * 1000.0).round() as i64;
@@ -64,6 +64,8 @@ struct Pending {
     deadline: f64,
     kind: TaskKind,
     attempt: u32,
+    /// Counts against its agent's limit of concurrent backups.
+    backup: bool,
 }
 
 struct Entry {
@@ -76,6 +78,9 @@ struct Entry {
     holds_slot: bool,
     last_run_at: Option<f64>,
     last_success_at: Option<f64>,
+    /// The last finished run and the last success, for metrics and the
+    /// backups view.
+    last_end: JobSummary,
     /// The timer's last fire as last saved.
     saved_fire: Option<DateTime<Utc>>,
 }
@@ -85,6 +90,7 @@ struct Dispatched {
     pair: (String, String),
     agent: String,
     taken_at: Option<DateTime<Utc>>,
+    backup: bool,
 }
 
 struct Inner {
@@ -94,6 +100,10 @@ struct Inner {
     outbox: HashMap<String, Vec<Task>>,
     cancel: HashMap<String, Vec<i64>>,
     slots: HashMap<(String, String), usize>,
+    /// Backup runs on each agent.
+    agent_backups: HashMap<String, usize>,
+    /// What each run's agent last said about its progress.
+    progress: HashMap<i64, RunProgress>,
     /// Runs taken by their agents whose start is not written yet: written
     /// in one transaction per tick, not one fsync per task in the poll path.
     taken: Vec<(i64, f64)>,
@@ -122,6 +132,13 @@ pub struct JobMetrics {
     pub ever_succeeded: bool,
     pub running: bool,
     pub paused: bool,
+    pub running_run: Option<i64>,
+    /// The freshness objective of a backup job.
+    pub max_age: Option<Duration>,
+    /// The agent's command the job runs.
+    pub command: String,
+    pub last_success: Option<f64>,
+    pub last_end: JobSummary,
 }
 
 fn random_unit() -> f64 {
@@ -140,13 +157,32 @@ impl Scheduler {
         metrics: &Metrics,
         now: DateTime<Utc>,
     ) -> Result<Scheduler, StoreError> {
-        let interrupted = store.fail_open_runs(
-            "the controller restarted during the run; its result could not be followed",
-            to_unix(now),
-        )?;
-        for run in &interrupted {
-            tracing::warn!(run = run.id, job = %run.job, "run interrupted by a controller restart, recorded as failed");
-            metrics.job_runs.with_label_values(&[&run.job, "failed"]).inc();
+        // Runs a previous process left open are followed up, not failed: the
+        // agent may be running them or holding their result in its spool.
+        let mut adopt: HashMap<String, RunInfo> = HashMap::new();
+        for run in store.open_runs()? {
+            let job_here = config.job(&run.job).is_some_and(|j| j.agent == run.agents);
+            if job_here && !adopt.contains_key(&run.job) {
+                adopt.insert(run.job.clone(), run);
+                continue;
+            }
+            let error = if job_here {
+                "a newer run of the same job is being followed; this one was left open by a controller restart"
+            } else {
+                "the job was removed from the config (or moved to another agent) while this run was open"
+            };
+            if store.finish_run(
+                run.id,
+                RunStatus::Failed,
+                &RunEnd {
+                    error: Some(error.into()),
+                    ..RunEnd::default()
+                },
+                to_unix(now),
+            )? {
+                tracing::warn!(run = run.id, job = %run.job, error, "open run recorded as failed");
+                metrics.job_runs.with_label_values(&[&run.job, "failed"]).inc();
+            }
         }
         let scheduler = Scheduler {
             store,
@@ -157,13 +193,15 @@ impl Scheduler {
                 outbox: HashMap::new(),
                 cancel: HashMap::new(),
                 slots: HashMap::new(),
+                agent_backups: HashMap::new(),
+                progress: HashMap::new(),
                 on_agent: HashMap::new(),
                 taken: Vec::new(),
             }),
             wake: Notify::new(),
             waiters: Mutex::new(HashMap::new()),
         };
-        scheduler.apply_config(config, metrics, now)?;
+        scheduler.configure(config, metrics, now, adopt)?;
         Ok(scheduler)
     }
 
@@ -187,11 +225,22 @@ impl Scheduler {
         metrics: &Metrics,
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        let summaries: HashMap<String, (Option<f64>, Option<f64>)> = self
+        self.configure(config, metrics, now, HashMap::new())
+    }
+
+    /// `adopt`: per job, the open run a previous controller process left.
+    fn configure(
+        &self,
+        config: Arc<ControllerConfig>,
+        metrics: &Metrics,
+        now: DateTime<Utc>,
+        mut adopt: HashMap<String, RunInfo>,
+    ) -> Result<(), StoreError> {
+        let mut summaries: HashMap<String, JobSummary> = self
             .store
             .job_summaries()?
             .into_iter()
-            .map(|summary| (summary.job, (summary.last_run, summary.last_success)))
+            .map(|summary| (summary.job.clone(), summary))
             .collect();
         let mut inner = self.lock();
         let tz = config.timezone;
@@ -210,27 +259,55 @@ impl Scheduler {
                 }
                 None => {
                     let row = self.store.job(&job.name, job.kind.as_str(), to_unix(now))?;
+                    let adopted = adopt.remove(&job.name);
+                    let active = adopted.as_ref().map(|run| ActiveRun {
+                        started: to_time(run.started_at.unwrap_or(run.created_at)),
+                        trigger: Trigger::parse(&run.trigger).unwrap_or(Trigger::Schedule),
+                        attempt: run.attempt,
+                    });
                     let (timer, action) = JobTimer::start(
                         job.schedule.as_ref(),
                         tz,
                         &job.policy,
                         row.last_fire.map(to_time),
                         row.paused,
+                        active,
                         now,
                     );
-                    let (last_run_at, last_success_at) = summaries.get(&job.name).cloned().unwrap_or((None, None));
+                    let summary = summaries.remove(&job.name).unwrap_or_default();
                     // What the database holds: a catch-up fire differs and gets saved.
                     let saved_fire = row.last_fire.map(to_time);
+                    if let Some(run) = &adopted {
+                        tracing::info!(job = %job.name, run = run.id, "following a run left open by the previous controller process");
+                        let pair = (site.clone(), site.clone());
+                        *inner.slots.entry(pair.clone()).or_default() += 1;
+                        if job.kind.is_backup() {
+                            *inner.agent_backups.entry(job.agent.clone()).or_default() += 1;
+                        }
+                        // As if just taken: the agent's next poll tells
+                        // whether it holds the run; if not, it fails at once.
+                        inner.on_agent.insert(
+                            run.id,
+                            Dispatched {
+                                job: job.name.clone(),
+                                pair,
+                                agent: job.agent.clone(),
+                                taken_at: Some(now),
+                                backup: job.kind.is_backup(),
+                            },
+                        );
+                    }
                     inner.jobs.insert(
                         job.name.clone(),
                         Entry {
                             config: job.clone(),
                             site,
                             timer,
-                            run: None,
-                            holds_slot: false,
-                            last_run_at,
-                            last_success_at,
+                            run: adopted.as_ref().map(|r| r.id),
+                            holds_slot: adopted.is_some(),
+                            last_run_at: summary.last_run,
+                            last_success_at: summary.last_success,
+                            last_end: summary,
                             saved_fire,
                         },
                     );
@@ -299,7 +376,7 @@ impl Scheduler {
             };
             entry.run = Some(run_id);
             entry.last_run_at = Some(to_unix(at));
-            let JobKind::Command { command } = &entry.config.kind;
+            let command = entry.config.kind.command().to_string();
             let deadline = to_unix(at) + entry.config.policy.max_runtime.as_secs_f64();
             tracing::info!(%job, run = run_id, trigger = trigger.as_str(), attempt, "run created");
             inner.pending.push(Pending {
@@ -309,8 +386,9 @@ impl Scheduler {
                 pair: (entry.site.clone(), entry.site.clone()),
                 ready_at: at,
                 deadline,
-                kind: TaskKind::Command { name: command.clone() },
+                kind: TaskKind::Command { name: command },
                 attempt,
+                backup: entry.config.kind.is_backup(),
             });
         }
         Ok(())
@@ -360,7 +438,21 @@ impl Scheduler {
                 to_unix(now),
             )?;
             tracing::warn!(%job, run, %error, "run timed out");
-            metrics.job_runs.with_label_values(&[&job, "timed_out"]).inc();
+            let started = inner
+                .jobs
+                .get(&job)
+                .and_then(|e| e.timer.running)
+                .map(|r| to_unix(r.started));
+            Self::note_end(
+                &mut inner,
+                metrics,
+                &job,
+                RunStatus::TimedOut,
+                Some(&error),
+                started,
+                to_unix(now),
+                None,
+            );
             metrics.job_timeouts.with_label_values(&[&job]).inc();
             inner.cancel.entry(agent.clone()).or_default().push(run);
             inner.pending.retain(|p| p.run_id != run);
@@ -396,13 +488,18 @@ impl Scheduler {
         let mut waiting = Vec::new();
         let pending = std::mem::take(&mut inner.pending);
         let mut woken = Vec::new();
+        let backup_limit = inner.config.concurrent_backups_per_agent;
         for p in pending {
             let used = inner.slots.get(&p.pair).copied().unwrap_or(0);
-            if p.ready_at > now || used >= limit {
+            let agent_busy = p.backup && inner.agent_backups.get(&p.agent).copied().unwrap_or(0) >= backup_limit;
+            if p.ready_at > now || used >= limit || agent_busy {
                 waiting.push(p);
                 continue;
             }
             *inner.slots.entry(p.pair.clone()).or_default() += 1;
+            if p.backup {
+                *inner.agent_backups.entry(p.agent.clone()).or_default() += 1;
+            }
             if let Some(entry) = inner.jobs.get_mut(&p.job) {
                 entry.holds_slot = true;
             }
@@ -416,6 +513,7 @@ impl Scheduler {
                     pair: p.pair.clone(),
                     agent: p.agent.clone(),
                     taken_at: None,
+                    backup: p.backup,
                 },
             );
             inner.outbox.entry(p.agent.clone()).or_default().push(Task {
@@ -437,6 +535,38 @@ impl Scheduler {
         self.waiter(agent).notify_one();
     }
 
+    /// Counts a run's end and remembers it for the job's metrics. Call
+    /// before `end_run` (which forgets when the run started).
+    #[allow(clippy::too_many_arguments)]
+    fn note_end(
+        inner: &mut Inner,
+        metrics: &Metrics,
+        job: &str,
+        status: RunStatus,
+        error: Option<&str>,
+        started: Option<f64>,
+        finished: f64,
+        bytes: Option<u64>,
+    ) {
+        metrics.job_runs.with_label_values(&[job, status.as_str()]).inc();
+        let Some(entry) = inner.jobs.get_mut(job) else {
+            return;
+        };
+        if entry.config.kind.is_backup() {
+            metrics
+                .backup_runs
+                .with_label_values(&[&entry.site, &entry.config.agent, job, status.as_str()])
+                .inc();
+        }
+        let end = &mut entry.last_end;
+        end.last_status = Some(status.as_str().to_string());
+        end.last_error = error.map(str::to_string);
+        end.last_duration = started.map(|s| (finished - s).max(0.0));
+        if status == RunStatus::Succeeded {
+            end.last_success_bytes = bytes;
+        }
+    }
+
     /// Bookkeeping when a run ends; returns the timer's follow-up.
     fn end_run(
         inner: &mut Inner,
@@ -447,9 +577,15 @@ impl Scheduler {
         random: f64,
         now: DateTime<Utc>,
     ) -> Option<Action> {
+        inner.progress.remove(&run);
         if let Some(dispatched) = inner.on_agent.remove(&run) {
             if let Some(used) = inner.slots.get_mut(&dispatched.pair) {
                 *used = used.saturating_sub(1);
+            }
+            if dispatched.backup {
+                if let Some(used) = inner.agent_backups.get_mut(&dispatched.agent) {
+                    *used = used.saturating_sub(1);
+                }
             }
         }
         let entry = inner.jobs.get_mut(job)?;
@@ -503,14 +639,23 @@ impl Scheduler {
         let now = Utc::now();
         let mut actions = Vec::new();
         for (run, job) in lost {
-            let error = format!("agent {agent} does not hold this run: the task was lost before the agent stored it (agent crash or restart, or a dropped connection)");
+            let error = format!("agent {agent} does not hold this run: the task was lost before the agent stored it (an agent crash or restart, a dropped connection, or a controller restart before the hand-over)");
             let end = RunEnd {
                 error: Some(error.clone()),
                 ..RunEnd::default()
             };
             if self.store.finish_run(run, RunStatus::Failed, &end, to_unix(now))? {
                 tracing::warn!(%job, run, %error, "run lost");
-                metrics.job_runs.with_label_values(&[&job, "failed"]).inc();
+                Self::note_end(
+                    &mut inner,
+                    metrics,
+                    &job,
+                    RunStatus::Failed,
+                    Some(&error),
+                    None,
+                    to_unix(now),
+                    None,
+                );
             }
             if let Some(action) = Self::end_run(&mut inner, &job, run, Outcome::Failed, None, random_unit(), now) {
                 actions.push((job, action));
@@ -561,7 +706,11 @@ impl Scheduler {
         let (status, outcome) = match result.outcome {
             TaskOutcome::Succeeded => (RunStatus::Succeeded, Outcome::Succeeded),
             TaskOutcome::Failed => (RunStatus::Failed, Outcome::Failed),
+            TaskOutcome::Interrupted => (RunStatus::Interrupted, Outcome::Failed),
         };
+        let manifest = (!result.artifacts.is_empty())
+            .then(|| serde_json::to_string(&result.artifacts).ok())
+            .flatten();
         let end = RunEnd {
             error: result.error.clone(),
             exit_code: result.exit_code,
@@ -569,6 +718,7 @@ impl Scheduler {
             bytes: result.bytes,
             files: result.files,
             started_at: Some(result.started_at),
+            manifest,
         };
         // The durable write (an fsync) happens outside the scheduler's lock;
         // finish_run is idempotent, so a timeout racing with it is safe.
@@ -578,7 +728,16 @@ impl Scheduler {
             tracing::info!(%agent, run = run.id, "result resent for a run already recorded; acknowledged again");
             return Ok(false);
         }
-        metrics.job_runs.with_label_values(&[&run.job, status.as_str()]).inc();
+        Self::note_end(
+            &mut inner,
+            metrics,
+            &run.job,
+            status,
+            result.error.as_deref(),
+            Some(result.started_at),
+            result.finished_at,
+            result.bytes,
+        );
         tracing::info!(job = %run.job, run = run.id, status = status.as_str(), error = result.error.as_deref().unwrap_or(""), "run finished");
         let follow_up = Self::end_run(
             &mut inner,
@@ -667,8 +826,31 @@ impl Scheduler {
         Ok(self.store.runs_of(job, limit)?)
     }
 
+    /// One run, with its manifest and, while it goes, its progress.
     pub fn run(&self, id: i64) -> Result<Option<RunInfo>, StoreError> {
-        self.store.run(id)
+        let mut run = self.store.run(id)?;
+        if let Some(run) = run.as_mut() {
+            run.progress = self.lock().progress.get(&id).cloned();
+        }
+        Ok(run)
+    }
+
+    /// A running task's progress from its agent. Progress of a run that
+    /// already ended is dropped; a run of another agent is refused.
+    pub fn set_progress(&self, agent: &str, progress: RunProgress) -> Result<(), SchedulerError> {
+        let mut inner = self.lock();
+        let Some(owner) = inner.on_agent.get(&progress.run_id).map(|d| d.agent.clone()) else {
+            return Ok(());
+        };
+        if owner != agent {
+            return Err(SchedulerError::NotYourRun {
+                run: progress.run_id,
+                owner,
+                agent: agent.to_string(),
+            });
+        }
+        inner.progress.insert(progress.run_id, progress);
+        Ok(())
     }
 
     pub fn store(&self) -> &Store {
@@ -701,6 +883,14 @@ impl Scheduler {
                     ever_succeeded: e.last_success_at.is_some(),
                     running: e.run.is_some(),
                     paused: e.timer.paused,
+                    running_run: e.run,
+                    max_age: match &e.config.kind {
+                        JobKind::Backup { max_age, .. } => Some(*max_age),
+                        JobKind::Command { .. } => None,
+                    },
+                    command: e.config.kind.command().to_string(),
+                    last_success: e.last_success_at,
+                    last_end: e.last_end.clone(),
                 }
             })
             .collect()
@@ -737,6 +927,9 @@ mod tests {
             output_tail: String::new(),
             bytes: None,
             files: None,
+            output_dir: None,
+            artifacts: Vec::new(),
+            artifacts_omitted: 0,
         }
     }
 
@@ -763,6 +956,38 @@ mod tests {
         s.tick(&m, now).expect("tick");
         let next = s.take_tasks(other_agent, now).expect("next");
         assert_eq!(next.tasks.iter().map(|t| t.run_id).collect::<Vec<_>>(), [other]);
+    }
+
+    #[test]
+    fn an_agent_runs_at_most_its_limit_of_backups_at_once() {
+        let (_dir, s, m) = setup(
+            "backups:\n  - {name: b1, agent: a1, run: x, max_age: 1h}\n  - {name: b2, agent: a1, run: y, max_age: 1h}\n  - {name: b3, agent: a2, run: x, max_age: 1h}\n",
+            8,
+        );
+        let now = Utc::now();
+        let r1 = s.run_now("b1", &m, now).expect("b1");
+        let r2 = s.run_now("b2", &m, now).expect("b2");
+        let r3 = s.run_now("b3", &m, now).expect("b3");
+        s.tick(&m, now).expect("tick");
+        let a1 = s.take_tasks("a1", now).expect("a1");
+        assert_eq!(a1.tasks.len(), 1, "one backup at a time on a1 (the default limit)");
+        assert_eq!(
+            s.take_tasks("a2", now).expect("a2").tasks[0].run_id,
+            r3,
+            "other agents are not held up"
+        );
+        let (first, job, other) = if a1.tasks[0].run_id == r1 {
+            (r1, "b1", r2)
+        } else {
+            (r2, "b2", r1)
+        };
+        assert!(s.record_result("a1", &result(first, job), &m, now).expect("result"));
+        s.tick(&m, now).expect("tick");
+        assert_eq!(s.take_tasks("a1", now).expect("next").tasks[0].run_id, other);
+        let metrics = s.job_metrics();
+        let done = metrics.iter().find(|j| j.job == job).expect("job");
+        assert_eq!(done.max_age, Some(Duration::from_secs(3600)));
+        assert_eq!(done.last_end.last_status.as_deref(), Some("succeeded"));
     }
 
     #[test]

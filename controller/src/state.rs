@@ -116,6 +116,13 @@ impl State {
         Ok(site)
     }
 
+    /// The latest report of an agent and whether it is up now.
+    pub fn agent(&self, agent: &str, now: f64) -> (bool, Option<Arc<AgentRecord>>) {
+        let inner = self.read();
+        let record = inner.agents.get(agent).cloned();
+        (Self::is_up(&inner.config, record.as_deref(), now), record)
+    }
+
     fn is_up(config: &ControllerConfig, record: Option<&AgentRecord>, now: f64) -> bool {
         let Some(record) = record else { return false };
         let interval = if record.report.interval_seconds > 0.0 {

@@ -20,6 +20,33 @@ const SITES: [(&str, &str, [&str; 2]); 2] = [
     ("dc2", "second site", ["backup01", "app02"]),
 ];
 
+/// (agent, database): one database server per site whose dump is a
+/// scheduled backup.
+const DUMPS: [(&str, &str); 2] = [("db01", "app"), ("app02", "crm")];
+
+/// A stand-in for pg_dump: a plain SQL dump of about 2 MiB, written under
+/// a temporary name and renamed when complete, like real dump tools do.
+/// One row in twenty changes from one dump to the next.
+const DEMO_DUMP_SCRIPT: &str = r#"#!/bin/sh
+set -eu
+db="$1"
+out="$DICOPS_OUTPUT_DIR/$db-$(date -u +%Y%m%dT%H%M%SZ).sql"
+echo "pg_dump: dumping database $db"
+awk -v run="${DICOPS_RUN_ID:-0}" 'BEGIN {
+  print "--\n-- PostgreSQL database dump\n--\n"
+  print "CREATE TABLE public.orders (id bigint NOT NULL, customer text, amount numeric(12,2), status text, created_at timestamptz);\n"
+  print "COPY public.orders (id, customer, amount, status, created_at) FROM stdin;"
+  srand(42)
+  for (i = 1; i <= 40000; i++) {
+    status = (i % 20 == 0) ? "updated-in-run-" run : "paid"
+    printf "%d\tcustomer-%05d\t%.2f\t%s\t2026-11-%02d 10:%02d:00+07\n", i, int(rand() * 90000), rand() * 1000, status, 1 + i % 27, i % 60
+  }
+  print "\\.\n\n-- PostgreSQL database dump complete"
+}' > "$out.partial"
+mv "$out.partial" "$out"
+echo "pg_dump: wrote $(wc -c < "$out") bytes to $out"
+"#;
+
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// Folder for the demo's PKI, configs and logs (default: a new temporary
@@ -115,15 +142,31 @@ fn write_configs(dir: &Path, port: u16, interval: u64) -> anyhow::Result<()> {
         controller.push_str(&format!("  - name: {site}\n    description: {description}\n"));
     }
     controller.push_str("agents:\n");
+    let script = dir.join("bin/demo-pg-dump.sh");
+    std::fs::create_dir_all(dir.join("bin"))?;
+    std::fs::write(&script, DEMO_DUMP_SCRIPT)?;
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     for (site, _, agents) in SITES {
         for agent in agents {
             controller.push_str(&format!("  - id: {agent}\n    site: {site}\n"));
             pki::issue(&pki_dir, &pki_dir, &Identity::Agent(agent.to_string()), &[], 30, true)?;
-            let config = format!(
-                "id: {agent}\ncontroller:\n  url: https://127.0.0.1:{port}\nstate_dir: state-{agent}\ncommands:\n  disk-usage:\n    argv: [/bin/df, -h, {}]\n    timeout: 1m\ntls:\n  ca: pki/ca.pem\n  cert: pki/agent-{agent}.pem\n  key: pki/agent-{agent}-key.pem\ncollect:\n  interval: {interval}s\n  paths: [{}]\n",
-                dir.display(),
+            let mut config = format!(
+                "id: {agent}\ncontroller:\n  url: https://127.0.0.1:{port}\nstate_dir: state-{agent}\ncommands:\n  disk-usage:\n    argv: [/bin/df, -h, {}]\n    timeout: 1m\n",
                 dir.display()
             );
+            if let Some((_, database)) = DUMPS.iter().find(|(a, _)| *a == agent) {
+                let output = dir.join("backups").join(agent);
+                std::fs::create_dir_all(&output)?;
+                config.push_str(&format!(
+                    "  pg-dump:\n    argv: [{}, {database}]\n    output: {}\n    timeout: 5m\n    retention: {{keep_last: 10}}\n",
+                    script.display(),
+                    output.display()
+                ));
+            }
+            config.push_str(&format!(
+                "tls:\n  ca: pki/ca.pem\n  cert: pki/agent-{agent}.pem\n  key: pki/agent-{agent}-key.pem\ncollect:\n  interval: {interval}s\n  backups_interval: {interval}s\n  paths: [{}]\n",
+                dir.display()
+            ));
             std::fs::write(dir.join(format!("agent-{agent}.yaml")), config)?;
         }
     }
@@ -133,6 +176,13 @@ fn write_configs(dir: &Path, port: u16, interval: u64) -> anyhow::Result<()> {
         for agent in agents {
             controller.push_str(&format!("  - name: {agent}-disk-usage\n    agent: {agent}\n    command: disk-usage\n    schedule: \"* * * * *\"\n"));
         }
+    }
+    // A database dump on each site every two minutes, fresh within five.
+    controller.push_str("backups:\n");
+    for (agent, database) in DUMPS {
+        controller.push_str(&format!(
+            "  - name: {agent}-{database}-dump\n    agent: {agent}\n    run: pg-dump\n    schedule: \"*/2 * * * *\"\n    max_age: 5m\n"
+        ));
     }
     std::fs::write(dir.join("controller.yaml"), controller)?;
     let cli = format!(
@@ -246,7 +296,20 @@ async fn drive(
         p.join("operator-demo.pem").display(),
         p.join("operator-demo-key.pem").display()
     );
+    // The first dumps now, rather than at the next even minute.
+    match super::api::Api::from_file(&dir.join("cli.yaml")) {
+        Ok(mut api) => {
+            for (agent, database) in DUMPS {
+                let path = format!("{}/{agent}-{database}-dump/run", dicops_proto::JOBS_PATH);
+                if let Err(e) = api.post::<dicops_proto::RunStarted>(&path).await {
+                    println!("  could not start {agent}-{database}-dump: {e}");
+                }
+            }
+        }
+        Err(e) => println!("  cannot reach the controller to start the first dumps: {e}"),
+    }
     println!("status:   dicops status --config {}", dir.join("cli.yaml").display());
+    println!("backups:  dicops backups --config {}", dir.join("cli.yaml").display());
     println!("logs:     {}\n", dir.join("logs").display());
     print!("{}", super::status::render(&status, &url, true));
     match args.duration {

@@ -11,6 +11,8 @@ use clap::Args;
 use dicops_config::ControllerConfig;
 use dicops_proto::{JobStatus, RunInfo, RunStarted};
 
+use dicops_core::units::format_bytes;
+
 use super::api::Api;
 use super::human_age;
 
@@ -152,6 +154,15 @@ fn describe(run: &RunInfo) -> String {
     if let Some(error) = &run.error {
         text.push_str(&format!("  error: {error}\n"));
     }
+    if let (Some(bytes), Some(files)) = (run.bytes, run.files) {
+        text.push_str(&format!("  produced {} in {files} file(s)\n", format_bytes(bytes)));
+    }
+    if !run.artifacts.is_empty() {
+        text.push_str("  manifest (BLAKE3):\n");
+        for a in &run.artifacts {
+            text.push_str(&format!("    {}  {:>10}  {}\n", a.blake3, format_bytes(a.size), a.path));
+        }
+    }
     if let Some(tail) = run.output_tail.as_deref().filter(|t| !t.trim().is_empty()) {
         text.push_str("  output (tail):\n");
         for line in tail.lines() {
@@ -177,13 +188,23 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let begun = std::time::Instant::now();
     let mut last_status = String::new();
     let mut last_line = std::time::Instant::now();
+    let mut shown_progress: Option<f64> = None;
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    // A progress line redrawn in place on a terminal, appended otherwise.
+    let mut open_line = false;
     loop {
         let run: RunInfo = api
             .get(&format!("{}/{}", dicops_proto::RUNS_PATH, started.run_id))
             .await?;
         let finished = !matches!(run.status.as_str(), "queued" | "running");
         let elapsed = human_age(begun.elapsed().as_secs_f64());
+        let end_progress_line = |open: &mut bool| {
+            if std::mem::take(open) {
+                println!();
+            }
+        };
         if run.status != last_status || finished {
+            end_progress_line(&mut open_line);
             let detail = match run.status.as_str() {
                 "queued" => format!(" (waiting for agent {} to take it)", run.agents),
                 "running" => format!(" on {}", run.agents),
@@ -192,12 +213,31 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             println!("[{elapsed:>6}] {}{detail}", run.status);
             last_status = run.status.clone();
             last_line = std::time::Instant::now();
-        } else if last_line.elapsed() >= Duration::from_secs(10) {
+        } else if let Some(progress) = run
+            .progress
+            .as_ref()
+            .filter(|p| shown_progress != Some(p.updated_at))
+            .filter(|_| tty || last_line.elapsed() >= Duration::from_secs(2))
+        {
+            let line = format!("[{elapsed:>6}] {}", progress_line(progress));
+            if tty {
+                use std::io::Write;
+                // Clear and redraw: the line only ever shows the latest.
+                print!("\r\x1b[2K{}", line.chars().take(160).collect::<String>());
+                let _ = std::io::stdout().flush();
+                open_line = true;
+            } else {
+                println!("{line}");
+            }
+            shown_progress = Some(progress.updated_at);
+            last_line = std::time::Instant::now();
+        } else if !tty && last_line.elapsed() >= Duration::from_secs(10) {
             // A heartbeat, so a long run visibly is still going.
             println!("[{elapsed:>6}] still {}", run.status);
             last_line = std::time::Instant::now();
         }
         if finished {
+            end_progress_line(&mut open_line);
             print!("{}", describe(&run));
             return Ok(if run.status == "succeeded" {
                 ExitCode::SUCCESS
@@ -207,6 +247,106 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// `running: 1.2 GiB written (2 files) | dumping table orders`
+fn progress_line(progress: &dicops_proto::RunProgress) -> String {
+    let mut line = progress.phase.clone();
+    if let Some(bytes) = progress.bytes {
+        line.push_str(&format!(": {} written", format_bytes(bytes)));
+        if let Some(files) = progress.files {
+            line.push_str(&format!(" ({files} file{})", if files == 1 { "" } else { "s" }));
+        }
+    }
+    if let Some(message) = progress.message.as_deref().filter(|m| !m.is_empty()) {
+        line.push_str(&format!(" | {message}"));
+    }
+    line
+}
+
+/// Every backup of both sites against its freshness objective, stale first.
+pub async fn backups(args: CliArgs) -> anyhow::Result<ExitCode> {
+    let mut api = Api::from_file(&args.config)?;
+    let mut backups: Vec<dicops_proto::BackupStatus> = api.get(dicops_proto::BACKUPS_PATH).await?;
+    let now = now();
+    // Stale first, then the closest to their objective.
+    let urgency = |b: &dicops_proto::BackupStatus| {
+        let age = b.last_success_at.map_or(f64::INFINITY, |at| now - at);
+        (!b.is_stale(now), -(age / b.max_age_seconds.max(1.0)))
+    };
+    backups.sort_by(|a, b| urgency(a).partial_cmp(&urgency(b)).unwrap_or(std::cmp::Ordering::Equal));
+    let stale = backups.iter().filter(|b| b.is_stale(now)).count();
+    if args.json {
+        print_json(&backups)?;
+    } else {
+        print!("{}", backups_table(&backups, now));
+        println!("{} backup(s), {stale} stale", backups.len());
+    }
+    // Like a monitoring check: scripts can act on stale backups.
+    Ok(if stale > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn backups_table(backups: &[dicops_proto::BackupStatus], now: f64) -> String {
+    let mut text = format!(
+        "{:<24} {:<5} {:<4} {:<10} {:<7} {:>9} {:>9} {:<11} {:>10}  NOTES\n",
+        "BACKUP", "KIND", "SITE", "AGENT", "STATE", "AGE", "MAX AGE", "LAST RUN", "SIZE"
+    );
+    for b in backups {
+        let age = b
+            .last_success_at
+            .map_or_else(|| "never".to_string(), |at| human_age(now - at));
+        let state = if b.is_stale(now) {
+            "STALE"
+        } else if b.running_run.is_some() {
+            "running"
+        } else {
+            "fresh"
+        };
+        let last = match (b.running_run, b.last_status.as_deref()) {
+            (Some(id), _) => format!("run {id}"),
+            (None, Some(status)) => status.to_string(),
+            (None, None) => "-".into(),
+        };
+        let mut notes = Vec::new();
+        if let Some(problem) = &b.problem {
+            notes.push(problem.clone());
+        }
+        if let (Some(error), Some("failed" | "timed_out" | "interrupted")) = (&b.last_error, b.last_status.as_deref()) {
+            notes.push(format!("last run: {}", error.chars().take(120).collect::<String>()));
+        }
+        if let Some(local) = b.local.as_ref().filter(|l| l.error.is_none()) {
+            notes.push(format!("{} kept ({})", local.artifacts, format_bytes(local.bytes)));
+            if local.retention_blocked > 0 {
+                let oldest = local
+                    .oldest_blocked_at
+                    .map(|at| format!(", oldest {} old", human_age(now - at)))
+                    .unwrap_or_default();
+                notes.push(format!(
+                    "retention blocked: {} backup(s), {} not yet in the other site{oldest}",
+                    local.retention_blocked,
+                    format_bytes(local.retention_blocked_bytes)
+                ));
+            }
+        }
+        text.push_str(&format!(
+            "{:<24} {:<5} {:<4} {:<10} {:<7} {:>9} {:>9} {:<11} {:>10}  {}\n",
+            b.name,
+            b.kind,
+            b.site,
+            b.agent,
+            state,
+            age,
+            human_age(b.max_age_seconds),
+            last,
+            b.last_size_bytes.map_or_else(|| "-".to_string(), format_bytes),
+            notes.join("; ")
+        ));
+    }
+    text
 }
 
 pub async fn pause(args: JobArgs, paused: bool) -> anyhow::Result<ExitCode> {

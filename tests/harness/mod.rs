@@ -254,10 +254,11 @@ impl Deployment {
 
     pub fn agent_yaml(&self, id: &str) -> String {
         format!(
-            "id: {id}\ncontroller:\n  url: https://127.0.0.1:{}\nstate_dir: {}\n{}collect:\n  interval: {}\n  paths: [{}]\n",
+            "id: {id}\ncontroller:\n  url: https://127.0.0.1:{}\nstate_dir: {}\n{}collect:\n  interval: {}\n  backups_interval: {}\n  paths: [{}]\n",
             self.port,
             self.root.path().join(format!("agent-{id}-state")).display(),
             self.pki.tls_yaml(&format!("agent-{id}")),
+            self.interval,
             self.interval,
             self.root.path().display()
         ) + &self.agent_extra
@@ -267,6 +268,47 @@ impl Deployment {
         let config = self.path(&format!("agent-{id}.yaml"));
         std::fs::write(&config, self.agent_yaml(id)).expect("write agent config");
         Process::spawn("dicops-agent", &config, self.path(&format!("agent-{id}.log")))
+    }
+
+    /// Starts an agent as an unprivileged user, as production does. Its
+    /// files (test keys included) are opened up to that user.
+    pub fn start_agent_as(&self, id: &str, uid: u32, gid: u32) -> Process {
+        use std::os::unix::fs::PermissionsExt;
+        use std::os::unix::process::CommandExt;
+        let open = |path: &Path, mode: u32| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        };
+        open(self.root.path(), 0o755);
+        open(&self.pki.dir, 0o755);
+        for entry in std::fs::read_dir(&self.pki.dir).expect("pki dir") {
+            open(&entry.expect("entry").path(), 0o644);
+        }
+        let state = self.path(&format!("agent-{id}-state"));
+        std::fs::create_dir_all(&state).expect("state dir");
+        std::os::unix::fs::chown(&state, Some(uid), Some(gid)).expect("chown state");
+        let config = self.path(&format!("agent-{id}.yaml"));
+        std::fs::write(&config, self.agent_yaml(id)).expect("write agent config");
+        open(&config, 0o644);
+        // The build folder may sit in a private folder: run a copy.
+        let binary = self.path("dicops-agent-copy");
+        if !binary.exists() {
+            std::fs::copy(bin("dicops-agent"), &binary).expect("copy the agent binary");
+            open(&binary, 0o755);
+        }
+        let log = self.path(&format!("agent-{id}.log"));
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(&binary)
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .uid(uid)
+            .gid(gid)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("clone"))
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn");
+        Process { child, log }
     }
 
     pub fn client(&self, stem: &str) -> HttpsClient {
@@ -287,6 +329,31 @@ impl Deployment {
         self.runtime
             .block_on(client.request(Method::GET, path, None))
             .expect("request")
+    }
+
+    /// The runs of a job, newest first.
+    pub fn runs(&self, job: &str) -> Vec<dicops_proto::RunInfo> {
+        let (status, body) = self.get(&format!("/api/v1/jobs/{job}/runs?limit=100"));
+        assert!(status.is_success(), "{status}");
+        serde_json::from_slice(&body).expect("runs")
+    }
+
+    pub fn run(&self, id: i64) -> dicops_proto::RunInfo {
+        let (_, body) = self.get(&format!("/api/v1/runs/{id}"));
+        serde_json::from_slice(&body).expect("run")
+    }
+
+    /// Runs `dicops ARGS --config CLI.yaml`: (exit code, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let config = self.cli_yaml();
+        let mut all = args.to_vec();
+        all.extend(["--config", config.to_str().expect("utf8")]);
+        let out = dicops(&all);
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     pub fn metrics(&self) -> String {

@@ -12,6 +12,7 @@ use dicops_core::filesystems::{is_ignored_mountpoint, is_pseudo_fstype};
 use dicops_proto::{AgentInfo, Filesystem, HostHealth, NetworkIo};
 use sysinfo::{DiskRefreshKind, Disks, Networks, System};
 
+pub(crate) use paths::statvfs;
 pub use paths::PathProber;
 
 /// Keeps the sysinfo handles for the life of the process, refreshing only

@@ -32,7 +32,7 @@ pub struct PathProber {
 }
 
 /// (size, available) in bytes.
-fn statvfs(path: &std::path::Path) -> ProbeResult {
+pub(crate) fn statvfs(path: &std::path::Path) -> ProbeResult {
     let c_path = CString::new(path.as_os_str().as_bytes()).map_err(|_| "path contains a NUL byte".to_string())?;
     let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: c_path is a valid NUL-terminated string and stat is a valid,

@@ -47,4 +47,33 @@ pub const MIGRATIONS: &[&str] = &[
         detail TEXT
     );
     ",
+    // 2: runs may end "interrupted" (the agent stopped during the run), and
+    // backup runs keep their manifest. SQLite cannot change a CHECK
+    // constraint in place: the table is rebuilt, its rows kept.
+    "
+    CREATE TABLE runs_v2 (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        agents TEXT NOT NULL,
+        trigger TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('queued', 'running', 'succeeded', 'failed', 'timed_out', 'interrupted')),
+        created_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        error TEXT,
+        exit_code INTEGER,
+        output_tail TEXT,
+        bytes INTEGER,
+        files INTEGER,
+        manifest TEXT
+    );
+    INSERT INTO runs_v2 (id, job, kind, agents, trigger, attempt, status, created_at, started_at, finished_at, error, exit_code, output_tail, bytes, files)
+        SELECT id, job, kind, agents, trigger, attempt, status, created_at, started_at, finished_at, error, exit_code, output_tail, bytes, files FROM runs;
+    DROP TABLE runs;
+    ALTER TABLE runs_v2 RENAME TO runs;
+    CREATE INDEX runs_by_job ON runs (job, id DESC);
+    CREATE INDEX runs_open ON runs (status) WHERE status IN ('queued', 'running');
+    ",
 ];

@@ -33,6 +33,7 @@ pub enum RunStatus {
     Succeeded,
     Failed,
     TimedOut,
+    Interrupted,
 }
 
 impl RunStatus {
@@ -43,6 +44,7 @@ impl RunStatus {
             RunStatus::Succeeded => "succeeded",
             RunStatus::Failed => "failed",
             RunStatus::TimedOut => "timed_out",
+            RunStatus::Interrupted => "interrupted",
         }
     }
 }
@@ -64,14 +66,23 @@ pub struct RunEnd {
     pub bytes: Option<u64>,
     pub files: Option<u64>,
     pub started_at: Option<f64>,
+    /// A backup run's manifest, as JSON.
+    pub manifest: Option<String>,
 }
 
-/// Per job: when its last run and its last success started.
-#[derive(Debug, Clone, PartialEq)]
+/// Per job: its last run and its last success, as the metrics show them.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct JobSummary {
     pub job: String,
+    /// When the last run and the last success started.
     pub last_run: Option<f64>,
     pub last_success: Option<f64>,
+    /// The last finished run: how it ended, why, and how long it took.
+    pub last_status: Option<String>,
+    pub last_error: Option<String>,
+    pub last_duration: Option<f64>,
+    /// What the last successful run produced.
+    pub last_success_bytes: Option<u64>,
 }
 
 /// One agent as last seen.
@@ -119,6 +130,8 @@ fn run_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunInfo> {
         output_tail: row.get(12)?,
         bytes: row.get::<_, Option<i64>>(13)?.map(|b| b.max(0) as u64),
         files: row.get::<_, Option<i64>>(14)?.map(|f| f.max(0) as u64),
+        progress: None,
+        artifacts: Vec::new(),
     })
 }
 
@@ -276,7 +289,7 @@ impl Store {
     pub fn finish_run(&self, id: i64, status: RunStatus, end: &RunEnd, now: f64) -> Result<bool, StoreError> {
         let changed = self.conn().execute(
             "UPDATE runs SET status = ?2, finished_at = ?3, error = ?4, exit_code = ?5, output_tail = ?6, bytes = ?7, files = ?8,
-                 started_at = COALESCE(started_at, ?9)
+                 started_at = COALESCE(?9, started_at), manifest = ?10
              WHERE id = ?1 AND status IN ('queued', 'running')",
             params![
                 id,
@@ -288,39 +301,36 @@ impl Store {
                 end.bytes.map(|b| b as i64),
                 end.files.map(|f| f as i64),
                 end.started_at,
+                end.manifest,
             ],
         )?;
         Ok(changed == 1)
     }
 
-    /// At start: runs left open by a previous controller process cannot be
-    /// followed any more; they are failed with `reason`.
-    pub fn fail_open_runs(&self, reason: &str, now: f64) -> Result<Vec<RunInfo>, StoreError> {
+    /// Runs not ended yet (at start: those a previous controller process
+    /// left open), oldest first.
+    pub fn open_runs(&self) -> Result<Vec<RunInfo>, StoreError> {
         let conn = self.conn();
-        let mut open = Vec::new();
-        {
-            let mut stmt = conn.prepare(&format!(
-                "SELECT {RUN_COLUMNS} FROM runs WHERE status IN ('queued', 'running') ORDER BY id"
-            ))?;
-            let rows = stmt.query_map([], run_from_row)?;
-            for row in rows {
-                open.push(row?);
-            }
-        }
-        conn.execute(
-            "UPDATE runs SET status = 'failed', finished_at = ?1, error = ?2 WHERE status IN ('queued', 'running')",
-            params![now, reason],
-        )?;
-        Ok(open)
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE status IN ('queued', 'running') ORDER BY id"
+        ))?;
+        let rows = stmt.query_map([], run_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// One run, with its manifest.
     pub fn run(&self, id: i64) -> Result<Option<RunInfo>, StoreError> {
         Ok(self
             .conn()
             .query_row(
-                &format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"),
+                &format!("SELECT {RUN_COLUMNS}, manifest FROM runs WHERE id = ?1"),
                 [id],
-                run_from_row,
+                |row| {
+                    let mut run = run_from_row(row)?;
+                    let manifest: Option<String> = row.get(15)?;
+                    run.artifacts = manifest.and_then(|m| serde_json::from_str(&m).ok()).unwrap_or_default();
+                    Ok(run)
+                },
             )
             .optional()?)
     }
@@ -335,19 +345,27 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Per job: (last run start, last success start, ever succeeded).
+    /// Per job: its last run, last finished run and last success.
     pub fn job_summaries(&self) -> Result<Vec<JobSummary>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT job, MAX(COALESCE(started_at, created_at)),
-                    MAX(CASE WHEN status = 'succeeded' THEN COALESCE(started_at, created_at) END)
-             FROM runs GROUP BY job",
+            "SELECT j.job, j.last_run, s.started, s.bytes, f.status, f.error, f.finished_at - f.started_at
+             FROM (SELECT job, MAX(COALESCE(started_at, created_at)) AS last_run,
+                          MAX(CASE WHEN status = 'succeeded' THEN id END) AS success_id,
+                          MAX(CASE WHEN finished_at IS NOT NULL THEN id END) AS finished_id
+                   FROM runs GROUP BY job) j
+             LEFT JOIN (SELECT id, COALESCE(started_at, created_at) AS started, bytes FROM runs) s ON s.id = j.success_id
+             LEFT JOIN runs f ON f.id = j.finished_id",
         )?;
         let rows = stmt.query_map([], |row| {
             Ok(JobSummary {
                 job: row.get(0)?,
                 last_run: row.get(1)?,
                 last_success: row.get(2)?,
+                last_success_bytes: row.get::<_, Option<i64>>(3)?.map(|b| b.max(0) as u64),
+                last_status: row.get(4)?,
+                last_error: row.get(5)?,
+                last_duration: row.get::<_, Option<f64>>(6)?.map(|d| d.max(0.0)),
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -461,7 +479,30 @@ mod tests {
     }
 
     #[test]
-    fn open_runs_of_a_dead_controller_are_failed_with_a_reason() {
+    fn an_upgrade_keeps_the_history_of_the_previous_schema() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("controller.db");
+        {
+            let conn = Connection::open(&path).expect("open");
+            conn.execute_batch(migrations::MIGRATIONS[0]).expect("v1");
+            conn.pragma_update(None, "user_version", 1).expect("version");
+            conn.execute(
+                "INSERT INTO runs (job, kind, agents, trigger, attempt, status, created_at, finished_at, bytes) VALUES ('pg', 'command', 'db01', 'schedule', 0, 'succeeded', 1.0, 2.0, 42)",
+                [],
+            )
+            .expect("old run");
+        }
+        let store = Store::open(&path).expect("migrate");
+        let runs = store.runs_of("pg", 10).expect("history");
+        assert_eq!((runs.len(), runs[0].bytes), (1, Some(42)));
+        let id = store.create_run("pg", "backup", "db01", "manual", 0, 3.0).expect("new");
+        assert!(store
+            .finish_run(id, RunStatus::Interrupted, &RunEnd::default(), 4.0)
+            .expect("the new status is allowed"));
+    }
+
+    #[test]
+    fn open_runs_are_listed_for_a_restarted_controller() {
         let (_dir, store) = store();
         let a = store.create_run("a", "command", "db01", "schedule", 0, 1.0).expect("a");
         let b = store.create_run("b", "command", "db01", "manual", 0, 2.0).expect("b");
@@ -470,17 +511,54 @@ mod tests {
         store
             .finish_run(done, RunStatus::Succeeded, &RunEnd::default(), 4.0)
             .expect("finish");
-        let failed = store.fail_open_runs("controller restarted", 10.0).expect("fail");
-        assert_eq!(failed.iter().map(|r| r.id).collect::<Vec<_>>(), [a, b]);
-        let run = store.run(b).expect("read").expect("exists");
+        let open = store.open_runs().expect("open");
+        assert_eq!(open.iter().map(|r| r.id).collect::<Vec<_>>(), [a, b]);
+        assert_eq!(open[1].status, "running");
+    }
+
+    #[test]
+    fn summaries_give_the_last_finished_run_and_the_last_success() {
+        let (_dir, store) = store();
+        let good = store
+            .create_run("pg", "backup", "db01", "schedule", 0, 10.0)
+            .expect("good");
+        store.mark_running(good, 11.0).expect("running");
+        let end = RunEnd {
+            bytes: Some(4096),
+            manifest: Some(r#"[{"path":"db.dump","size":4096,"blake3":"ab"}]"#.into()),
+            ..RunEnd::default()
+        };
+        store
+            .finish_run(good, RunStatus::Succeeded, &end, 20.0)
+            .expect("finish");
+        let bad = store
+            .create_run("pg", "backup", "db01", "schedule", 0, 30.0)
+            .expect("bad");
+        store.mark_running(bad, 31.0).expect("running");
+        let end = RunEnd {
+            error: Some("disk full".into()),
+            started_at: Some(32.0),
+            ..RunEnd::default()
+        };
+        store
+            .finish_run(bad, RunStatus::Interrupted, &end, 35.0)
+            .expect("finish");
+        let summary = store.job_summaries().expect("summaries").remove(0);
         assert_eq!(
-            (run.status.as_str(), run.error.as_deref()),
-            ("failed", Some("controller restarted"))
+            summary,
+            JobSummary {
+                job: "pg".into(),
+                last_run: Some(32.0),
+                last_success: Some(11.0),
+                last_status: Some("interrupted".into()),
+                last_error: Some("disk full".into()),
+                last_duration: Some(3.0),
+                last_success_bytes: Some(4096),
+            }
         );
-        assert_eq!(
-            store.run(done).expect("read").expect("exists").status,
-            RunStatus::Succeeded.as_str()
-        );
+        let run = store.run(good).expect("read").expect("exists");
+        assert_eq!(run.artifacts.len(), 1);
+        assert_eq!(run.artifacts[0].path, "db.dump");
     }
 
     #[test]

@@ -2,6 +2,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use dicops_core::retention::RetentionPolicy;
 use serde::Deserialize;
 
 use crate::{decode, read, Checker, ConfigError, RawTls, TlsFiles};
@@ -21,16 +22,84 @@ pub struct AgentConfig {
     /// The only commands this agent runs, by name. The controller refers
     /// to them by name and can never make the agent run anything else.
     pub commands: BTreeMap<String, CommandConfig>,
+    /// Folders where other tools leave backups, by name; the controller's
+    /// `watch:` backups refer to them.
+    pub watches: BTreeMap<String, WatchConfig>,
+    /// Local retention counts days, weeks and months in this timezone; set
+    /// it to the controller's.
+    pub timezone: chrono_tz::Tz,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CommandConfig {
     /// Program and arguments; no shell unless argv says so.
     pub argv: Vec<String>,
+    /// Defaults to the output folder of a backup command.
     pub working_dir: Option<PathBuf>,
+    /// Added to a minimal environment (PATH, HOME, USER, LANG and the
+    /// DICOPS_* variables); the agent's own environment is not passed on.
     pub env: BTreeMap<String, String>,
     /// The whole process group is killed after this long.
     pub timeout: Duration,
+    /// Run as this user instead of the agent's.
+    pub user: Option<RunAs>,
+    /// Set for backup commands: where they write their artifacts.
+    pub output: Option<OutputConfig>,
+}
+
+/// A user to run a command as, resolved when the config is loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: PathBuf,
+}
+
+/// The output folder of a backup command, and what the agent does with it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputConfig {
+    pub dir: PathBuf,
+    /// A run does not start when the folder's filesystem has less free.
+    pub min_free: FreeSpace,
+    /// Local retention of the artifacts runs produced.
+    pub retention: RetentionPolicy,
+    /// Never delete an artifact that is not yet in the other site.
+    pub wait_for_replication: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum FreeSpace {
+    Bytes(u64),
+    /// A share of the filesystem's size, 0 to 1.
+    Ratio(f64),
+}
+
+impl FreeSpace {
+    /// The floor in bytes on a filesystem of `size` bytes.
+    pub fn floor(&self, size: u64) -> u64 {
+        match *self {
+            FreeSpace::Bytes(b) => b,
+            FreeSpace::Ratio(r) => (size as f64 * r).ceil() as u64,
+        }
+    }
+}
+
+impl std::fmt::Display for FreeSpace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            FreeSpace::Bytes(b) => write!(f, "{}", dicops_core::units::format_bytes(b)),
+            FreeSpace::Ratio(r) => write!(f, "{}%", r * 100.0),
+        }
+    }
+}
+
+/// A folder where another tool leaves its backups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchConfig {
+    pub path: PathBuf,
+    /// Which file names in it are backups (shell pattern, e.g. `*.dump`).
+    pub glob: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -45,6 +114,8 @@ pub struct CollectConfig {
     pub paths: Vec<PathBuf>,
     /// How long a statvfs may take before the path is reported hung.
     pub path_timeout: Duration,
+    /// How often watched folders and backup output folders are scanned.
+    pub backups_interval: Duration,
 }
 
 impl AgentConfig {
@@ -71,6 +142,37 @@ struct RawAgent {
     state_dir: Option<String>,
     #[serde(default)]
     commands: BTreeMap<String, RawCommand>,
+    #[serde(default)]
+    watches: BTreeMap<String, RawWatch>,
+    #[serde(default)]
+    timezone: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWatch {
+    path: String,
+    #[serde(default)]
+    glob: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetention {
+    #[serde(default)]
+    keep_last: u32,
+    #[serde(default)]
+    keep_hourly: u32,
+    #[serde(default)]
+    keep_daily: u32,
+    #[serde(default)]
+    keep_weekly: u32,
+    #[serde(default)]
+    keep_monthly: u32,
+    #[serde(default)]
+    keep_yearly: u32,
+    #[serde(default)]
+    wait_for_replication: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -83,6 +185,14 @@ struct RawCommand {
     env: BTreeMap<String, String>,
     #[serde(default)]
     timeout: Option<String>,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    output: Option<String>,
+    #[serde(default)]
+    min_free: Option<String>,
+    #[serde(default)]
+    retention: Option<RawRetention>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -101,6 +211,7 @@ struct RawCollect {
     #[serde(default)]
     paths: Vec<String>,
     path_timeout: Option<String>,
+    backups_interval: Option<String>,
 }
 
 fn validate(path: &Path, text: &str, raw: RawAgent) -> Result<AgentConfig, ConfigError> {
@@ -187,6 +298,19 @@ fn validate(path: &Path, text: &str, raw: RawAgent) -> Result<AgentConfig, Confi
             command.timeout.as_deref(),
             Duration::from_secs(6 * 3600),
         );
+        for key in command.env.keys() {
+            if key.starts_with("DICOPS_") {
+                check.problem(
+                    &format!("{field}.env.{key}"),
+                    "DICOPS_* variables are set by the agent for every run",
+                );
+            }
+        }
+        let user = command
+            .user
+            .as_deref()
+            .and_then(|user| check.user(&format!("{field}.user"), user));
+        let output = validate_output(&mut check, &field, &command);
         commands.insert(
             name,
             CommandConfig {
@@ -194,12 +318,50 @@ fn validate(path: &Path, text: &str, raw: RawAgent) -> Result<AgentConfig, Confi
                 working_dir: command.working_dir.map(PathBuf::from),
                 env: command.env,
                 timeout,
+                user,
+                output,
             },
         );
     }
+    let mut watches = BTreeMap::new();
+    for (name, watch) in raw.watches {
+        let field = format!("watches.{name}");
+        check.id(&field, &name, "watch name");
+        if !Path::new(&watch.path).is_absolute() {
+            check.problem(
+                &format!("{field}.path"),
+                format!("{:?} must be an absolute path", watch.path),
+            );
+        }
+        let glob = watch.glob.unwrap_or_else(|| "*".to_string());
+        if let Err(e) = dicops_core::glob::validate_glob(&glob) {
+            check.problem(&format!("{field}.glob"), e);
+        }
+        watches.insert(
+            name,
+            WatchConfig {
+                path: PathBuf::from(watch.path),
+                glob,
+            },
+        );
+    }
+    let backups_interval = check.duration(
+        "collect.backups_interval",
+        raw.collect.backups_interval.as_deref(),
+        Duration::from_secs(60).max(interval),
+    );
+    let timezone = match raw.timezone.as_deref() {
+        None => chrono_tz::UTC,
+        Some(name) => dicops_core::schedule::parse_timezone(name).unwrap_or_else(|e| {
+            check.problem("timezone", e);
+            chrono_tz::UTC
+        }),
+    };
     let config = AgentConfig {
+        timezone,
         state_dir,
         commands,
+        watches,
         source: path.to_path_buf(),
         id: raw.id,
         controller_url: raw.controller.url,
@@ -210,7 +372,68 @@ fn validate(path: &Path, text: &str, raw: RawAgent) -> Result<AgentConfig, Confi
             services_interval,
             paths,
             path_timeout,
+            backups_interval,
         },
     };
     check.finish(config)
+}
+
+/// The backup settings of a command: `output` and what goes with it.
+fn validate_output(check: &mut Checker<'_>, field: &str, command: &RawCommand) -> Option<OutputConfig> {
+    let Some(dir) = &command.output else {
+        for (set, key) in [
+            (command.min_free.is_some(), "min_free"),
+            (command.retention.is_some(), "retention"),
+        ] {
+            if set {
+                check.problem(
+                    &format!("{field}.{key}"),
+                    format!("`{key}` applies to a backup command's output folder: set `output` too"),
+                );
+            }
+        }
+        return None;
+    };
+    if !Path::new(dir).is_absolute() {
+        check.problem(&format!("{field}.output"), format!("{dir:?} must be an absolute path"));
+    }
+    let min_free = match command.min_free.as_deref() {
+        None => FreeSpace::Ratio(0.01),
+        Some(text) => match text.strip_suffix('%') {
+            Some(percent) => match percent.trim().parse::<f64>() {
+                Ok(p) if (0.0..=100.0).contains(&p) => FreeSpace::Ratio(p / 100.0),
+                _ => {
+                    check.problem(
+                        &format!("{field}.min_free"),
+                        format!("{text:?} is not a percentage from 0% to 100%"),
+                    );
+                    FreeSpace::Ratio(0.01)
+                }
+            },
+            None => match dicops_core::units::parse_bytes(text) {
+                Ok(b) => FreeSpace::Bytes(b),
+                Err(e) => {
+                    check.problem(&format!("{field}.min_free"), e);
+                    FreeSpace::Ratio(0.01)
+                }
+            },
+        },
+    };
+    let raw = command.retention.as_ref();
+    let retention = raw
+        .map(|r| RetentionPolicy {
+            keep_last: r.keep_last,
+            keep_hourly: r.keep_hourly,
+            keep_daily: r.keep_daily,
+            keep_weekly: r.keep_weekly,
+            keep_monthly: r.keep_monthly,
+            keep_yearly: r.keep_yearly,
+        })
+        .unwrap_or_default();
+    Some(OutputConfig {
+        dir: PathBuf::from(dir),
+        min_free,
+        retention,
+        wait_for_replication: raw.and_then(|r| r.wait_for_replication).unwrap_or(true),
+    })
 }

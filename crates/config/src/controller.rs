@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::jobs::{validate_jobs, JobConfig, RawJob};
+use crate::jobs::{validate_jobs, JobConfig, RawBackup, RawJob, WatchBackup};
 use crate::{decode, read, Checker, ConfigError, RawTls, TlsFiles};
 
 /// The validated controller config.
@@ -31,7 +31,13 @@ pub struct ControllerConfig {
     pub history_keep: Duration,
     /// Runs at once between one pair of sites (source site, destination site).
     pub concurrent_runs_per_site_pair: usize,
+    /// Backup runs at once on one agent (its disks and database are busy
+    /// enough with one).
+    pub concurrent_backups_per_agent: usize,
+    /// Scheduled jobs, run backups included.
     pub jobs: Vec<JobConfig>,
+    /// Backups made by other tools, watched by agents.
+    pub watched_backups: Vec<WatchBackup>,
     /// Fingerprint of the file's bytes, to show drift from the deployed
     /// file (`dicops_config_info{hash}`).
     pub hash: String,
@@ -96,6 +102,8 @@ struct RawController {
     agents: Vec<RawAgentEntry>,
     #[serde(default)]
     jobs: Vec<RawJob>,
+    #[serde(default)]
+    backups: Vec<RawBackup>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -117,6 +125,7 @@ struct RawHealth {
 struct RawLimits {
     max_request_bytes: Option<String>,
     concurrent_runs_per_site_pair: Option<usize>,
+    concurrent_backups_per_agent: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -221,14 +230,20 @@ fn validate(path: &Path, text: &str, raw: RawController, check_files: bool) -> R
     if concurrent_runs_per_site_pair == 0 {
         check.problem("limits.concurrent_runs_per_site_pair", "must be at least 1");
     }
-    let jobs = validate_jobs(&mut check, raw.jobs, &agent_index);
+    let concurrent_backups_per_agent = raw.limits.concurrent_backups_per_agent.unwrap_or(1);
+    if concurrent_backups_per_agent == 0 {
+        check.problem("limits.concurrent_backups_per_agent", "must be at least 1");
+    }
+    let (jobs, watched_backups) = validate_jobs(&mut check, raw.jobs, raw.backups, &agent_index);
 
     let config = ControllerConfig {
         timezone,
         database,
         history_keep,
         concurrent_runs_per_site_pair,
+        concurrent_backups_per_agent,
         jobs,
+        watched_backups,
         hash: fingerprint(text),
         source: path.to_path_buf(),
         listen,

@@ -13,12 +13,13 @@ mod controller;
 mod error;
 mod jobs;
 mod locate;
+mod users;
 
-pub use agent::{AgentConfig, CollectConfig, CommandConfig};
+pub use agent::{AgentConfig, CollectConfig, CommandConfig, FreeSpace, OutputConfig, RunAs, WatchConfig};
 pub use cli::CliConfig;
 pub use controller::{AgentEntry, ControllerConfig, Site};
 pub use error::{ConfigError, Problem};
-pub use jobs::{JobConfig, JobKind};
+pub use jobs::{JobConfig, JobKind, WatchBackup};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -199,6 +200,24 @@ impl<'a> Checker<'a> {
                 field,
                 format!("{what} {id:?} is not valid: use 1-64 letters, digits, '.', '-' or '_'"),
             );
+        }
+    }
+
+    /// The user a command runs as; must exist on this host.
+    fn user(&mut self, field: &str, name: &str) -> Option<agent::RunAs> {
+        if !self.check_files {
+            return None;
+        }
+        match users::lookup(name) {
+            Ok(Some(user)) => Some(user),
+            Ok(None) => {
+                self.problem(field, format!("user {name:?} does not exist on this host"));
+                None
+            }
+            Err(e) => {
+                self.problem(field, e);
+                None
+            }
         }
     }
 

@@ -161,3 +161,101 @@ fn kinds_are_told_apart() {
     let (_d, p) = setup("hello: world\n");
     assert!(detect_kind(&p).is_err());
 }
+
+const INVENTORY: &str = "sites: [{name: dc1}]\nagents: [{id: db01, site: dc1}]\n";
+
+#[test]
+fn backups_are_run_or_watch_with_a_freshness_objective() {
+    let config = controller(&format!(
+        "{INVENTORY}backups:\n  - {{name: pg, agent: db01, run: pg-dump, schedule: \"0 1 * * *\", max_age: 26h, retries: 1}}\n  - {{name: vault, agent: db01, watch: exports, max_age: 2d}}\n"
+    ))
+    .expect("valid");
+    let pg = config.job("pg").expect("run backup is a job");
+    assert_eq!(
+        pg.kind,
+        JobKind::Backup {
+            command: "pg-dump".into(),
+            max_age: Duration::from_secs(26 * 3600)
+        }
+    );
+    assert_eq!(pg.policy.retries, 1);
+    assert_eq!(
+        config.watched_backups,
+        [WatchBackup {
+            name: "vault".into(),
+            agent: "db01".into(),
+            watch: "exports".into(),
+            max_age: Duration::from_secs(2 * 86400)
+        }]
+    );
+    assert_eq!(config.concurrent_backups_per_agent, 1);
+}
+
+#[test]
+fn backup_mistakes_are_named_where_they_are() {
+    let err = message(
+        controller(&format!(
+            "{INVENTORY}jobs:\n  - {{name: pg, agent: db01, command: x}}\nbackups:\n  - {{name: pg, agent: db01, run: pg-dump}}\n  - {{name: both, agent: db01, run: a, watch: b, max_age: 1h}}\n  - {{name: w, agent: db01, watch: b, max_age: 1h, schedule: \"@daily\"}}\n  - {{name: none, agent: db01, max_age: 1h}}\n"
+        ))
+        .expect_err("invalid"),
+    );
+    assert!(
+        err.contains("11:12: backups[0].name: duplicate job or backup name \"pg\" (first declared at jobs[0].name)"),
+        "{err}"
+    );
+    assert!(err.contains("backup \"pg\" needs `max_age`"), "{err}");
+    assert!(
+        err.contains("backups[1].watch: backup \"both\" has both `run` and `watch`"),
+        "{err}"
+    );
+    assert!(
+        err.contains("backups[2].schedule: backup \"w\" watches backups made by another tool"),
+        "{err}"
+    );
+    assert!(err.contains("backup \"none\" needs `run: COMMAND`"), "{err}");
+}
+
+#[test]
+fn backup_commands_have_an_output_folder_a_floor_retention_and_a_user() {
+    let base = "id: db01\ncontroller: {url: \"https://c:9443\"}\ntls: {ca: ca.pem, cert: cert.pem, key: key.pem}\n";
+    let config = agent(&format!(
+        "{base}timezone: Asia/Ho_Chi_Minh\ncommands:\n  pg-dump:\n    argv: [/usr/bin/pg_dump]\n    user: root\n    output: /var/backups/pg\n    min_free: 5%\n    retention: {{keep_last: 2, keep_daily: 7, wait_for_replication: false}}\nwatches:\n  exports: {{path: /srv/exports, glob: \"*.tar.zst\"}}\n"
+    ))
+    .expect("valid");
+    let command = &config.commands["pg-dump"];
+    assert_eq!(command.user.as_ref().map(|u| u.uid), Some(0));
+    let output = command.output.as_ref().expect("output");
+    assert_eq!(output.min_free, FreeSpace::Ratio(0.05));
+    assert_eq!((output.retention.keep_last, output.retention.keep_daily), (2, 7));
+    assert!(!output.wait_for_replication);
+    assert_eq!(config.watches["exports"].glob, "*.tar.zst");
+    assert_eq!(config.timezone, chrono_tz::Asia::Ho_Chi_Minh);
+
+    let err = message(
+        agent(&format!(
+            "{base}commands:\n  a:\n    argv: [/bin/true]\n    user: no-such-user-dicops\n    min_free: 1GiB\n  b:\n    argv: [/bin/true]\n    output: relative/dir\n    min_free: 120%\n    env: {{DICOPS_RUN_ID: \"1\"}}\nwatches:\n  w: {{path: /srv, glob: \"a/b\"}}\n"
+        ))
+        .expect_err("invalid"),
+    );
+    assert!(
+        err.contains("7:11: commands.a.user: user \"no-such-user-dicops\" does not exist on this host"),
+        "{err}"
+    );
+    assert!(
+        err.contains("commands.a.min_free: `min_free` applies to a backup command's output folder"),
+        "{err}"
+    );
+    assert!(
+        err.contains("commands.b.output: \"relative/dir\" must be an absolute path"),
+        "{err}"
+    );
+    assert!(
+        err.contains("commands.b.min_free: \"120%\" is not a percentage"),
+        "{err}"
+    );
+    assert!(
+        err.contains("commands.b.env.DICOPS_RUN_ID: DICOPS_* variables are set by the agent"),
+        "{err}"
+    );
+    assert!(err.contains("watches.w.glob:"), "{err}");
+}

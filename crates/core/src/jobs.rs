@@ -31,6 +31,12 @@ impl Trigger {
             Trigger::Retry => "retry",
         }
     }
+
+    pub fn parse(text: &str) -> Option<Trigger> {
+        [Trigger::Schedule, Trigger::CatchUp, Trigger::Manual, Trigger::Retry]
+            .into_iter()
+            .find(|t| t.as_str() == text)
+    }
 }
 
 /// What a fire does when the previous run is still going.
@@ -136,20 +142,23 @@ impl JobTimer {
     /// The timer of a job when the controller starts. `last_fire` is the
     /// last fire recorded before the restart (or when the job was first
     /// seen). If a fire was missed while down and the policy allows, one
-    /// catch-up run starts now, however many fires were missed.
+    /// catch-up run starts now, however many fires were missed. `adopted`
+    /// is a run a previous controller process handed to an agent and whose
+    /// result is still to come: the catch-up waits for its end.
     pub fn start(
         schedule: Option<&Schedule>,
         tz: Tz,
         policy: &RunPolicy,
         last_fire: Option<DateTime<Utc>>,
         paused: bool,
+        adopted: Option<ActiveRun>,
         now: DateTime<Utc>,
     ) -> (JobTimer, Option<Action>) {
         let mut timer = JobTimer {
             next_fire: schedule.and_then(|s| s.next_after(now, tz)),
             last_fire,
             paused,
-            running: None,
+            running: adopted,
             queued: None,
             retry: None,
         };
@@ -160,7 +169,14 @@ impl JobTimer {
         let action = match missed {
             Some(fire) if policy.catch_up && !paused => {
                 timer.last_fire = Some(fire);
-                Some(timer.begin(Trigger::CatchUp, 0, now))
+                if timer.running.is_some() {
+                    // The missed fire most likely came after the adopted
+                    // run ended on its agent: run once when its result is in.
+                    timer.queued = Some(Trigger::CatchUp);
+                    None
+                } else {
+                    Some(timer.begin(Trigger::CatchUp, 0, now))
+                }
             }
             _ => None,
         };
@@ -289,7 +305,15 @@ mod tests {
     #[test]
     fn fires_on_schedule_once_per_fire() {
         let s = hourly();
-        let (mut timer, action) = JobTimer::start(Some(&s), UTC, &policy(), Some(t("09:30:00")), false, t("09:30:00"));
+        let (mut timer, action) = JobTimer::start(
+            Some(&s),
+            UTC,
+            &policy(),
+            Some(t("09:30:00")),
+            false,
+            None,
+            t("09:30:00"),
+        );
         assert_eq!(action, None);
         assert_eq!(timer.next_fire, Some(t("10:00:00")));
         assert!(timer.tick(Some(&s), UTC, &policy(), t("09:59:59"), 0.5).is_empty());
@@ -310,7 +334,15 @@ mod tests {
     fn catch_up_runs_once_after_downtime_across_many_fires() {
         let s = hourly();
         // Last fire at 03:00, controller back at 09:30: six fires missed.
-        let (timer, action) = JobTimer::start(Some(&s), UTC, &policy(), Some(t("03:00:00")), false, t("09:30:00"));
+        let (timer, action) = JobTimer::start(
+            Some(&s),
+            UTC,
+            &policy(),
+            Some(t("03:00:00")),
+            false,
+            None,
+            t("09:30:00"),
+        );
         assert_eq!(
             action,
             Some(Action::Start {
@@ -326,23 +358,69 @@ mod tests {
             ..policy()
         };
         assert_eq!(
-            JobTimer::start(Some(&s), UTC, &no, Some(t("03:00:00")), false, t("09:30:00")).1,
+            JobTimer::start(Some(&s), UTC, &no, Some(t("03:00:00")), false, None, t("09:30:00")).1,
             None
         );
         assert_eq!(
-            JobTimer::start(Some(&s), UTC, &policy(), Some(t("03:00:00")), true, t("09:30:00")).1,
+            JobTimer::start(Some(&s), UTC, &policy(), Some(t("03:00:00")), true, None, t("09:30:00")).1,
             None
         );
         assert_eq!(
-            JobTimer::start(Some(&s), UTC, &policy(), Some(t("09:00:00")), false, t("09:30:00")).1,
+            JobTimer::start(
+                Some(&s),
+                UTC,
+                &policy(),
+                Some(t("09:00:00")),
+                false,
+                None,
+                t("09:30:00")
+            )
+            .1,
             None
+        );
+    }
+
+    #[test]
+    fn a_run_adopted_after_a_restart_delays_the_catch_up_until_it_ends() {
+        let s = hourly();
+        let adopted = ActiveRun {
+            started: t("03:00:00"),
+            trigger: Trigger::Schedule,
+            attempt: 0,
+        };
+        let (mut timer, action) = JobTimer::start(
+            Some(&s),
+            UTC,
+            &policy(),
+            Some(t("03:00:00")),
+            false,
+            Some(adopted),
+            t("09:30:00"),
+        );
+        assert_eq!(action, None, "not while the adopted run may still be going");
+        assert_eq!(timer.run_now(t("09:31:00")), Err(SkipReason::Overlap));
+        assert_eq!(
+            timer.finished(Outcome::Succeeded, &policy(), t("09:32:00"), 0.0),
+            Some(Action::Start {
+                trigger: Trigger::CatchUp,
+                attempt: 0,
+                at: t("09:32:00")
+            })
         );
     }
 
     #[test]
     fn a_fire_during_a_run_is_skipped_or_queued() {
         let s = hourly();
-        let (mut timer, _) = JobTimer::start(Some(&s), UTC, &policy(), Some(t("09:30:00")), false, t("09:30:00"));
+        let (mut timer, _) = JobTimer::start(
+            Some(&s),
+            UTC,
+            &policy(),
+            Some(t("09:30:00")),
+            false,
+            None,
+            t("09:30:00"),
+        );
         timer.tick(Some(&s), UTC, &policy(), t("10:00:00"), 0.0);
         let actions = timer.tick(Some(&s), UTC, &policy(), t("11:00:00"), 0.0);
         assert_eq!(
@@ -358,7 +436,7 @@ mod tests {
             overlap: Overlap::Queue,
             ..policy()
         };
-        let (mut timer, _) = JobTimer::start(Some(&s), UTC, &queue, Some(t("09:30:00")), false, t("09:30:00"));
+        let (mut timer, _) = JobTimer::start(Some(&s), UTC, &queue, Some(t("09:30:00")), false, None, t("09:30:00"));
         timer.tick(Some(&s), UTC, &queue, t("10:00:00"), 0.0);
         assert!(timer.tick(Some(&s), UTC, &queue, t("11:00:00"), 0.0).is_empty());
         // Only one waits: a second fire during the same run is skipped.
@@ -376,7 +454,15 @@ mod tests {
     #[test]
     fn failures_retry_with_backoff_within_the_window() {
         let s = hourly();
-        let (mut timer, _) = JobTimer::start(Some(&s), UTC, &policy(), Some(t("09:30:00")), false, t("09:30:00"));
+        let (mut timer, _) = JobTimer::start(
+            Some(&s),
+            UTC,
+            &policy(),
+            Some(t("09:30:00")),
+            false,
+            None,
+            t("09:30:00"),
+        );
         timer.tick(Some(&s), UTC, &policy(), t("10:00:00"), 0.0);
         timer.finished(Outcome::Failed, &policy(), t("10:05:00"), 0.0);
         assert_eq!(timer.retry, Some((t("10:06:00"), 1)));
@@ -406,7 +492,7 @@ mod tests {
     #[test]
     fn paused_jobs_skip_their_fires_and_resume() {
         let s = hourly();
-        let (mut timer, _) = JobTimer::start(Some(&s), UTC, &policy(), Some(t("09:30:00")), true, t("09:30:00"));
+        let (mut timer, _) = JobTimer::start(Some(&s), UTC, &policy(), Some(t("09:30:00")), true, None, t("09:30:00"));
         assert_eq!(
             timer.tick(Some(&s), UTC, &policy(), t("10:00:00"), 0.0),
             [Action::Skip {
@@ -423,7 +509,7 @@ mod tests {
 
     #[test]
     fn run_now_never_overlaps() {
-        let (mut timer, _) = JobTimer::start(None, UTC, &policy(), None, false, t("09:00:00"));
+        let (mut timer, _) = JobTimer::start(None, UTC, &policy(), None, false, None, t("09:00:00"));
         assert_eq!(timer.next_fire, None);
         assert!(timer.run_now(t("09:00:00")).is_ok());
         assert_eq!(timer.run_now(t("09:00:01")), Err(SkipReason::Overlap));
@@ -435,7 +521,7 @@ mod tests {
             max_runtime: Duration::from_secs(600),
             ..policy()
         };
-        let (mut timer, _) = JobTimer::start(None, UTC, &p, None, false, t("09:00:00"));
+        let (mut timer, _) = JobTimer::start(None, UTC, &p, None, false, None, t("09:00:00"));
         timer.run_now(t("09:00:00")).expect("start");
         assert!(!timer.timed_out(&p, t("09:10:00")));
         assert!(timer.timed_out(&p, t("09:10:01")));
@@ -448,7 +534,7 @@ mod tests {
             jitter: Duration::from_secs(120),
             ..policy()
         };
-        let (mut timer, _) = JobTimer::start(Some(&s), UTC, &p, Some(t("09:30:00")), false, t("09:30:00"));
+        let (mut timer, _) = JobTimer::start(Some(&s), UTC, &p, Some(t("09:30:00")), false, None, t("09:30:00"));
         let actions = timer.tick(Some(&s), UTC, &p, t("10:00:00"), 0.5);
         assert_eq!(
             actions,

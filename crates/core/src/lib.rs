@@ -5,7 +5,9 @@
 
 pub mod backoff;
 pub mod filesystems;
+pub mod glob;
 pub mod jobs;
 pub mod liveness;
+pub mod retention;
 pub mod schedule;
 pub mod units;

@@ -59,15 +59,32 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
         "KiB" => 1 << 10,
         "MiB" => 1 << 20,
         "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        "TB" => 1000 * 1000 * 1000 * 1000,
         other => {
             return Err(format!(
-                "size {text:?} has unknown unit {other:?} (use B, KiB, MiB, GiB, KB, MB, GB)"
+                "size {text:?} has unknown unit {other:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
             ))
         }
     };
     value
         .checked_mul(multiplier)
         .ok_or_else(|| format!("size {text:?} is too large"))
+}
+
+/// A size for people: `512 B`, `1.5 KiB`, `20.0 GiB`.
+pub fn format_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
 }
 
 #[cfg(test)]
@@ -95,5 +112,13 @@ mod tests {
         assert!(parse_bytes("MiB").is_err());
         assert!(parse_bytes("3 parsecs").unwrap_err().contains("unknown unit"));
         assert!(parse_bytes("99999999999999999999GiB").is_err());
+        assert_eq!(parse_bytes("2TiB"), Ok(2 << 40));
+    }
+
+    #[test]
+    fn sizes_for_people() {
+        assert_eq!(format_bytes(512), "512 B");
+        assert_eq!(format_bytes(1536), "1.5 KiB");
+        assert_eq!(format_bytes(20 << 30), "20.0 GiB");
     }
 }

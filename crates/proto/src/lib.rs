@@ -97,6 +97,10 @@ pub struct Report {
     /// class, so that a cut-off site and a broken certificate look different.
     #[serde(default)]
     pub report_failures: ReportFailures,
+    /// Backup folders as last scanned: the output folders of backup
+    /// commands and the folders watched for other tools' backups.
+    #[serde(default)]
+    pub backups: Vec<LocalBackup>,
     /// The agent's own certificate, as it sees it.
     #[serde(default)]
     pub certificate_expiry_timestamp_seconds: Option<f64>,
@@ -357,6 +361,9 @@ pub struct TaskPoll {
 pub enum TaskOutcome {
     Succeeded,
     Failed,
+    /// The agent stopped during the run (crash, kill, reboot): the outcome
+    /// of the command is unknown, and it is never counted as a success.
+    Interrupted,
 }
 
 /// What an agent reports when a task ends. Kept on the agent's disk until
@@ -379,6 +386,130 @@ pub struct TaskResult {
     pub bytes: Option<u64>,
     #[serde(default)]
     pub files: Option<u64>,
+    /// A backup command's output folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_dir: Option<String>,
+    /// What a backup run produced, with BLAKE3 checksums (the first
+    /// `MAX_MANIFEST_ENTRIES`; `artifacts_omitted` counts the rest).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<Artifact>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub artifacts_omitted: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// Entries of a run's manifest carried in its result and record.
+pub const MAX_MANIFEST_ENTRIES: usize = 1000;
+
+/// One file a backup run produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Artifact {
+    /// Relative to the output folder.
+    pub path: String,
+    pub size: u64,
+    /// BLAKE3 of the content, hex.
+    pub blake3: String,
+}
+
+/// What kind of folder a `LocalBackup` describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LocalBackupKind {
+    /// The output folder of a backup command (`commands.NAME.output`).
+    Output,
+    /// A folder watched for another tool's backups (`watches.NAME`).
+    Watch,
+}
+
+/// A backup folder on an agent as last scanned.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LocalBackup {
+    pub kind: LocalBackupKind,
+    /// The command's or the watch's name in the agent's config.
+    pub name: String,
+    pub path: String,
+    /// Why the folder could not be read (missing, not a folder, denied).
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Backups present: files matching a watch's glob, or runs whose
+    /// artifacts are still in an output folder.
+    pub artifacts: u64,
+    pub bytes: u64,
+    /// The newest backup: when it was written, its size and name.
+    #[serde(default)]
+    pub newest_at: Option<f64>,
+    #[serde(default)]
+    pub newest_bytes: Option<u64>,
+    #[serde(default)]
+    pub newest_name: Option<String>,
+    /// Backups the retention policy would delete but keeps because they
+    /// are not yet in the other site.
+    #[serde(default)]
+    pub retention_blocked: u64,
+    #[serde(default)]
+    pub retention_blocked_bytes: u64,
+    #[serde(default)]
+    pub oldest_blocked_at: Option<f64>,
+    pub scanned_at: f64,
+}
+
+/// Where a running task's agent posts its progress (best effort).
+pub const PROGRESS_PATH: &str = "/api/v1/progress";
+/// Every backup of both sites.
+pub const BACKUPS_PATH: &str = "/api/v1/backups";
+
+/// A running task's progress, as its agent last posted it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunProgress {
+    pub run_id: i64,
+    /// What the agent is doing: `checking`, `running`, `hashing`, `retention`.
+    pub phase: String,
+    /// Bytes written (a backup's output) or moved so far.
+    #[serde(default)]
+    pub bytes: Option<u64>,
+    #[serde(default)]
+    pub files: Option<u64>,
+    /// The last line of the command's output.
+    #[serde(default)]
+    pub message: Option<String>,
+    pub updated_at: f64,
+}
+
+/// One backup as the API lists it: objective, last runs, the agent's scan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackupStatus {
+    pub name: String,
+    /// `run` (scheduled by dicops) or `watch` (made by another tool).
+    pub kind: String,
+    pub site: String,
+    pub agent: String,
+    /// The command or watch name in the agent's config.
+    pub source: String,
+    pub max_age_seconds: f64,
+    /// For a run backup, when its last successful run started; for a watch,
+    /// when the newest file was written.
+    pub last_success_at: Option<f64>,
+    pub last_run_at: Option<f64>,
+    pub last_status: Option<String>,
+    pub last_error: Option<String>,
+    pub last_duration_seconds: Option<f64>,
+    pub last_size_bytes: Option<u64>,
+    pub running_run: Option<i64>,
+    /// The agent's latest scan of the folder.
+    pub local: Option<LocalBackup>,
+    /// Why the controller cannot judge this backup (agent silent, watch
+    /// not defined on the agent, folder unreadable).
+    pub problem: Option<String>,
+}
+
+impl BackupStatus {
+    /// Stale: never succeeded, or its last success is older than max_age.
+    pub fn is_stale(&self, now: f64) -> bool {
+        self.last_success_at.is_none_or(|at| now - at > self.max_age_seconds)
+    }
 }
 
 /// The controller's acknowledgement of a result.
@@ -421,6 +552,12 @@ pub struct RunInfo {
     pub output_tail: Option<String>,
     pub bytes: Option<u64>,
     pub files: Option<u64>,
+    /// Set while the run is going, from its agent's last progress post.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<RunProgress>,
+    /// A backup run's manifest (only when one run is asked for).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<Artifact>,
 }
 
 /// The answer to "run now".
