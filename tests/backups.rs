@@ -514,3 +514,29 @@ fn a_backup_that_ends_while_the_controller_is_down_is_recorded_once_later() {
     )
     .is_some());
 }
+
+#[test]
+fn a_backup_command_runs_as_its_user_in_a_minimal_environment() {
+    let d = deployment(
+        "commands:\n  as-nobody:\n    argv: [/bin/sh, -c, \"id -un > $DICOPS_OUTPUT_DIR/env.dump; env | sort >> $DICOPS_OUTPUT_DIR/env.dump\"]\n    user: nobody\n    env: {PGDATABASE: app}\n    output: @ROOT@/nobody-out\n",
+        "  - {name: as-nobody, agent: db01, run: as-nobody, max_age: 1h, retries: 0}\n",
+    );
+    let out = d.path("nobody-out");
+    std::fs::create_dir_all(&out).expect("folder");
+    std::os::unix::fs::chown(&out, Some(65534), Some(65534)).expect("chown");
+    std::fs::set_permissions(d.root.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    let _controller = d.start_controller();
+    let _db01 = d.start_agent("db01");
+    d.wait_agents_up(&["db01"], Duration::from_secs(20));
+    let (code, stdout, stderr) = d.cli(&["run", "as-nobody", "--follow"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let dump = out.join("env.dump");
+    let text = std::fs::read_to_string(&dump).expect("dump");
+    assert!(text.starts_with("nobody\n"), "{text}");
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&dump).expect("meta")), 65534);
+    assert!(text.contains("\nPGDATABASE=app\n"), "{text}");
+    assert!(text.contains("\nUSER=nobody\n"), "{text}");
+    assert!(text.contains("\nDICOPS_JOB=as-nobody\n"), "{text}");
+    // The agent's own environment (the test runner's) is not passed on.
+    assert!(!text.contains("RUST_LOG") && !text.contains("CARGO"), "{text}");
+}

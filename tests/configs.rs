@@ -42,9 +42,14 @@ fn example_configs_are_valid() {
     let out = dicops(&args);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("controller: 2 sites, 4 agents"), "{stdout}");
     assert!(
-        stdout.contains("agent db01 reporting to https://controller.dc2.example.org:9443"),
+        stdout.contains("controller: 2 sites, 4 agents, 1 jobs, 2 backups (1 run, 1 watched)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "agent db01 reporting to https://controller.dc2.example.org:9443: 2 commands (1 backups), 0 watched folders"
+        ),
         "{stdout}"
     );
     assert!(stdout.contains("CLI as operator alice"), "{stdout}");
@@ -133,7 +138,7 @@ fn plan_previews_the_example_schedules_in_the_deployment_timezone() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2));
     assert!(
-        stderr.contains("jobs[1].schedule: job \"db01-wal-check\": \"*/15 * * *\" has 4 fields"),
+        stderr.contains("jobs[0].schedule: job \"db01-wal-check\": \"*/15 * * *\" has 4 fields"),
         "{stderr}"
     );
     assert!(stderr.starts_with(&format!("{}:", bad.display())), "{stderr}");

@@ -42,17 +42,29 @@ fn check(file: &std::path::Path, kind: Option<&str>) -> Result<String, String> {
         ConfigKind::Controller => {
             let config = ControllerConfig::load(file).map_err(|e| e.to_string())?;
             dicops_controller::load_tls(&config).map_err(|e| e.to_string())?;
+            let run_backups = config.jobs.iter().filter(|j| j.kind.is_backup()).count();
             Ok(format!(
-                "controller: {} sites, {} agents, listens on {}",
+                "controller: {} sites, {} agents, {} jobs, {} backups ({} run, {} watched), listens on {}",
                 config.sites.len(),
                 config.agents.len(),
+                config.jobs.len() - run_backups,
+                run_backups + config.watched_backups.len(),
+                run_backups,
+                config.watched_backups.len(),
                 config.listen
             ))
         }
         ConfigKind::Agent => {
             let config = AgentConfig::load(file).map_err(|e| e.to_string())?;
             dicops_agent::load_tls(&config).map_err(|e| e.to_string())?;
-            Ok(format!("agent {} reporting to {}", config.id, config.controller_url))
+            let backups = config.commands.values().filter(|c| c.output.is_some()).count();
+            Ok(format!(
+                "agent {} reporting to {}: {} commands ({backups} backups), {} watched folders",
+                config.id,
+                config.controller_url,
+                config.commands.len(),
+                config.watches.len()
+            ))
         }
         ConfigKind::Cli => {
             let config = CliConfig::load(file).map_err(|e| e.to_string())?;
