@@ -533,7 +533,10 @@ fn a_backup_command_runs_as_its_user_in_a_minimal_environment() {
     let dump = out.join("env.dump");
     let text = std::fs::read_to_string(&dump).expect("dump");
     assert!(text.starts_with("nobody\n"), "{text}");
-    assert_eq!(std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&dump).expect("meta")), 65534);
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&dump).expect("meta")),
+        65534
+    );
     assert!(text.contains("\nPGDATABASE=app\n"), "{text}");
     assert!(text.contains("\nUSER=nobody\n"), "{text}");
     assert!(text.contains("\nDICOPS_JOB=as-nobody\n"), "{text}");

@@ -991,6 +991,32 @@ mod tests {
     }
 
     #[test]
+    fn progress_is_kept_while_the_run_goes_and_only_from_its_agent() {
+        let (_dir, s, m) = setup("  - {name: j1, agent: a1, command: x}\n", 4);
+        let now = Utc::now();
+        let run = s.run_now("j1", &m, now).expect("run");
+        s.tick(&m, now).expect("tick");
+        s.take_tasks("a1", now).expect("take");
+        let progress = RunProgress {
+            run_id: run,
+            phase: "running".into(),
+            bytes: Some(10),
+            files: Some(1),
+            message: Some("dumping".into()),
+            updated_at: 5.0,
+        };
+        let err = s.set_progress("a2", progress.clone()).expect_err("not a2's run");
+        assert_eq!(err.reason(), "not_your_run");
+        s.set_progress("a1", progress.clone()).expect("a1's run");
+        assert_eq!(s.run(run).expect("read").expect("run").progress, Some(progress.clone()));
+        assert!(s.record_result("a1", &result(run, "j1"), &m, now).expect("result"));
+        assert_eq!(s.run(run).expect("read").expect("run").progress, None);
+        // A late post for an ended run is dropped quietly.
+        s.set_progress("a1", progress).expect("dropped");
+        assert_eq!(s.run(run).expect("read").expect("run").progress, None);
+    }
+
+    #[test]
     fn results_are_accepted_only_from_the_runs_agent_and_once() {
         let (_dir, s, m) = setup("  - {name: j1, agent: a1, command: x}\n", 4);
         let now = Utc::now();
