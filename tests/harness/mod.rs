@@ -110,8 +110,13 @@ pub struct Process {
 
 impl Process {
     pub fn spawn(binary: &str, config: &Path, log: PathBuf) -> Process {
+        Self::spawn_command(Command::new(bin(binary)), config, log)
+    }
+
+    /// Starts `command --config CONFIG` with its output in `log`.
+    pub fn spawn_command(mut command: Command, config: &Path, log: PathBuf) -> Process {
         let log_file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(bin(binary))
+        let child = command
             .arg("--config")
             .arg(config)
             .env("RUST_LOG", "info")
@@ -295,20 +300,9 @@ impl Deployment {
             std::fs::copy(bin("dicops-agent"), &binary).expect("copy the agent binary");
             open(&binary, 0o755);
         }
-        let log = self.path(&format!("agent-{id}.log"));
-        let log_file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(&binary)
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .uid(uid)
-            .gid(gid)
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().expect("clone"))
-            .stderr(log_file)
-            .spawn()
-            .expect("spawn");
-        Process { child, log }
+        let mut command = Command::new(&binary);
+        command.uid(uid).gid(gid);
+        Process::spawn_command(command, &config, self.path(&format!("agent-{id}.log")))
     }
 
     pub fn client(&self, stem: &str) -> HttpsClient {

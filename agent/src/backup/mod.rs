@@ -183,21 +183,7 @@ impl Backups {
     }
 
     fn scan_output(&self, name: &str, output: &OutputConfig) -> LocalBackup {
-        let mut local = LocalBackup {
-            kind: LocalBackupKind::Output,
-            name: name.to_string(),
-            path: output.dir.display().to_string(),
-            error: None,
-            artifacts: 0,
-            bytes: 0,
-            newest_at: None,
-            newest_bytes: None,
-            newest_name: None,
-            retention_blocked: 0,
-            retention_blocked_bytes: 0,
-            oldest_blocked_at: None,
-            scanned_at: now_unix(),
-        };
+        let mut local = unscanned(LocalBackupKind::Output, name, &output.dir);
         let present = match scan::list_files(&output.dir, true, None) {
             Ok(files) => files,
             Err(e) => {
@@ -262,21 +248,7 @@ impl Backups {
     }
 
     fn scan_watch(name: &str, watch: &WatchConfig) -> LocalBackup {
-        let mut local = LocalBackup {
-            kind: LocalBackupKind::Watch,
-            name: name.to_string(),
-            path: watch.path.display().to_string(),
-            error: None,
-            artifacts: 0,
-            bytes: 0,
-            newest_at: None,
-            newest_bytes: None,
-            newest_name: None,
-            retention_blocked: 0,
-            retention_blocked_bytes: 0,
-            oldest_blocked_at: None,
-            scanned_at: now_unix(),
-        };
+        let mut local = unscanned(LocalBackupKind::Watch, name, &watch.path);
         match scan::list_files(&watch.path, false, Some(&watch.glob)) {
             Err(e) => local.error = Some(e),
             Ok(files) => {
@@ -334,6 +306,25 @@ impl Backups {
                 }
             })
             .map(|_| ())
+    }
+}
+
+/// A folder's report before its scan fills it in.
+fn unscanned(kind: LocalBackupKind, name: &str, path: &Path) -> LocalBackup {
+    LocalBackup {
+        kind,
+        name: name.to_string(),
+        path: path.display().to_string(),
+        error: None,
+        artifacts: 0,
+        bytes: 0,
+        newest_at: None,
+        newest_bytes: None,
+        newest_name: None,
+        retention_blocked: 0,
+        retention_blocked_bytes: 0,
+        oldest_blocked_at: None,
+        scanned_at: now_unix(),
     }
 }
 
