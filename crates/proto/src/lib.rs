@@ -565,3 +565,40 @@ pub struct RunInfo {
 pub struct RunStarted {
     pub run_id: i64,
 }
+
+/// One content-defined chunk of a file: its BLAKE3 (hex) and length.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ChunkRef {
+    pub id: String,
+    pub len: u32,
+}
+
+/// The first line of a replication manifest (NDJSON: this header, then one
+/// `ManifestEntry` per line, in path order).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ManifestHeader {
+    pub version: u32,
+    pub job: String,
+    pub run_id: i64,
+    pub source_agent: String,
+    pub export: String,
+    /// When the source started reading its tree (Unix seconds): the age of
+    /// a snapshot's source state, for the replication lag.
+    pub taken_at: f64,
+}
+
+/// One regular file of a replicated tree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestEntry {
+    /// Relative to the exported folder, `/`-separated, never `..` or
+    /// absolute (checked again by the destination).
+    pub path: String,
+    pub size: u64,
+    /// Permission bits (at most 0o777).
+    pub mode: u32,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i64,
+    /// BLAKE3 of the whole file, hex.
+    pub blake3: String,
+    pub chunks: Vec<ChunkRef>,
+}
