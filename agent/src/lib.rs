@@ -5,6 +5,7 @@
 mod backup;
 pub mod collect;
 mod process;
+mod replication;
 mod report;
 mod spool;
 mod tasks;
