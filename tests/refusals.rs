@@ -26,6 +26,7 @@ fn report(agent: &str, seq: u64) -> Vec<u8> {
         health: HostHealth::default(),
         report_failures: Default::default(),
         backups: Vec::new(),
+        data_url: None,
         certificate_expiry_timestamp_seconds: None,
     })
     .expect("json")

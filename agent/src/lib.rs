@@ -46,6 +46,12 @@ pub enum StartError {
     },
     #[error("cannot start the collector thread: {0}")]
     Thread(std::io::Error),
+    #[error("{file}: data.listen: cannot listen on {addr}: {source}")]
+    DataPort {
+        file: PathBuf,
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("{file}: state_dir: cannot use the spool in {dir}: {source}")]
     Spool {
         file: PathBuf,
@@ -57,7 +63,7 @@ pub enum StartError {
 impl StartError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            StartError::Thread(_) | StartError::Spool { .. } => 1,
+            StartError::Thread(_) | StartError::Spool { .. } | StartError::DataPort { .. } => 1,
             _ => 2,
         }
     }
@@ -138,6 +144,33 @@ pub fn start(config: AgentConfig, shutdown: CancellationToken) -> Result<Running
     backups
         .start_scanner(config.collect.backups_interval)
         .map_err(StartError::Thread)?;
+    let source = config.data.as_ref().map(|_| {
+        Arc::new(replication::serve::Source::new(
+            &config.id,
+            &config.state_dir,
+            &config.exports,
+            &config.commands,
+            backups.clone(),
+        ))
+    });
+    let mut data_port = None;
+    if let (Some(data), Some(source)) = (&config.data, &source) {
+        let listener = std::net::TcpListener::bind(data.listen)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .and_then(tokio::net::TcpListener::from_std)
+            .map_err(|e| StartError::DataPort {
+                file: config.source.clone(),
+                addr: data.listen,
+                source: e,
+            })?;
+        tracing::info!(listen = %data.listen, url = %data.url, exports = config.exports.len(), "data port open");
+        data_port = Some(tokio::spawn(replication::serve::serve(
+            source.clone(),
+            listener,
+            tls.clone(),
+            shutdown.clone(),
+        )));
+    }
     let tasks = Arc::new(tasks::Tasks {
         config_file: config.source.display().to_string(),
         commands: config.commands.clone(),
@@ -146,6 +179,12 @@ pub fn start(config: AgentConfig, shutdown: CancellationToken) -> Result<Running
         running: std::sync::Mutex::new(std::collections::HashMap::new()),
         backups: backups.clone(),
         progress: Arc::default(),
+        puller: replication::pull::Puller {
+            roots: config.roots.clone(),
+            tls: tls.clone(),
+            config_file: config.source.display().to_string(),
+        },
+        source: source.clone(),
     });
     let new_client = || {
         HttpsClient::new(&config.controller_url, Identity::Controller, tls.clone()).map_err(|source| StartError::Url {
@@ -175,6 +214,7 @@ pub fn start(config: AgentConfig, shutdown: CancellationToken) -> Result<Running
         client,
         tls,
         backups,
+        data_url: config.data.as_ref().map(|d| d.url.clone()),
         backoff: Backoff {
             max: Duration::from_secs(60)
                 .min(config.collect.interval * 4)
@@ -185,7 +225,10 @@ pub fn start(config: AgentConfig, shutdown: CancellationToken) -> Result<Running
     let reporter = tokio::spawn(reporter.run(snapshot_rx, shutdown));
     tracing::info!(agent = %config.id, controller = %config.controller_url, interval_s = config.collect.interval.as_secs_f64(), "agent started");
     Ok(Running {
-        tasks: vec![reporter, watcher, poller, sender, progress],
+        tasks: [reporter, watcher, poller, sender, progress]
+            .into_iter()
+            .chain(data_port)
+            .collect(),
         collector: Some(collector),
         stop_collector: Some(stop_tx),
     })

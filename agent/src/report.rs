@@ -27,6 +27,8 @@ pub struct Reporter {
     pub client: HttpsClient,
     pub tls: Arc<TlsReloader>,
     pub backups: Arc<crate::backup::Backups>,
+    /// The data port this agent serves replication pulls on, if any.
+    pub data_url: Option<String>,
     pub backoff: Backoff,
 }
 
@@ -90,6 +92,7 @@ impl Reporter {
                     health: snapshot.health,
                     report_failures: failures,
                     backups: self.backups.latest(),
+                    data_url: self.data_url.clone(),
                     certificate_expiry_timestamp_seconds: Some(self.tls.not_after()),
                 };
                 match self.send(&report).await {

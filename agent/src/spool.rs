@@ -203,6 +203,7 @@ impl Spool {
                     output_dir: None,
                     artifacts: Vec::new(),
                     artifacts_omitted: 0,
+                    replication: None,
                 })?;
                 recovered += 1;
             } else {
@@ -244,6 +245,7 @@ mod tests {
             output_dir: None,
             artifacts: Vec::new(),
             artifacts_omitted: 0,
+            replication: None,
         }
     }
 

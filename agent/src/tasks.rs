@@ -31,6 +31,10 @@ pub struct Tasks {
     pub running: Mutex<HashMap<i64, CancellationToken>>,
     pub backups: Arc<Backups>,
     pub progress: Arc<ProgressBoard>,
+    /// Pulls replication runs into this agent's roots.
+    pub puller: crate::replication::pull::Puller,
+    /// Serves this agent's exports (when it has a data port).
+    pub source: Option<Arc<crate::replication::serve::Source>>,
 }
 
 /// The latest progress of each running task; `progress_loop` posts it.
@@ -116,6 +120,15 @@ impl Tasks {
                             token.cancel();
                         }
                     }
+                    for grant in poll.grants {
+                        match &self.source {
+                            Some(source) => source.grant(grant),
+                            None => tracing::warn!(
+                                run = grant.run_id,
+                                "asked to serve a replication, but this agent has no data port (data.listen)"
+                            ),
+                        }
+                    }
                     for task in poll.tasks {
                         self.clone().start(task, shutdown.clone());
                     }
@@ -184,8 +197,17 @@ impl Tasks {
             output_dir: None,
             artifacts: Vec::new(),
             artifacts_omitted: 0,
+            replication: None,
         };
-        let TaskKind::Command { name } = &task.kind;
+        let name = match &task.kind {
+            TaskKind::Command { name } => name,
+            TaskKind::Pull(pull) => {
+                self.replicate(task, pull, cancel, &mut result).await;
+                self.forget_progress(task.run_id);
+                result.finished_at = now_unix();
+                return result;
+            }
+        };
         match self.commands.get(name) {
             None => {
                 result.error = Some(format!(
@@ -364,9 +386,61 @@ impl Tasks {
         result.artifacts.truncate(dicops_proto::MAX_MANIFEST_ENTRIES);
     }
 
+    /// A replication run: pulled from the source named in the ticket.
+    async fn replicate(
+        &self,
+        task: &Task,
+        pull: &dicops_proto::PullTask,
+        cancel: CancellationToken,
+        result: &mut TaskResult,
+    ) {
+        tracing::info!(run = task.run_id, job = %task.job, source = %pull.source_agent, root = %pull.root, "replicating");
+        let board = self.progress.clone();
+        let run_id = task.run_id;
+        let outcome = self
+            .puller
+            .pull(&task.job, task.run_id, pull, cancel, |p| {
+                board.set(RunProgress {
+                    run_id,
+                    phase: p.phase.to_string(),
+                    bytes: Some(p.bytes),
+                    files: None,
+                    bytes_remaining: Some(p.remaining),
+                    message: Some(p.message),
+                    updated_at: now_unix(),
+                })
+            })
+            .await;
+        match outcome {
+            Ok(stats) => {
+                tracing::info!(run = task.run_id, snapshot = %stats.snapshot, fetched = stats.bytes_fetched, reused = stats.bytes_reused, "snapshot published");
+                result.outcome = TaskOutcome::Succeeded;
+                result.bytes = Some(stats.bytes_on_wire);
+                result.files = Some(stats.files);
+                result.output_tail = format!(
+                    "snapshot {}: {} files, {}; {} sent ({} on the wire), {} reused, {} files linked; {} snapshots kept",
+                    stats.snapshot,
+                    stats.files,
+                    dicops_core::units::format_bytes(stats.bytes),
+                    dicops_core::units::format_bytes(stats.bytes_fetched),
+                    dicops_core::units::format_bytes(stats.bytes_on_wire),
+                    dicops_core::units::format_bytes(stats.bytes_reused),
+                    stats.files_linked,
+                    stats.snapshots
+                );
+                result.replication = Some(stats);
+            }
+            Err(e) => {
+                tracing::warn!(run = task.run_id, error = %e, "replication failed");
+                result.error = Some(e);
+            }
+        }
+    }
+
     fn set_progress(&self, run_id: i64, phase: &str, bytes: Option<u64>, files: Option<u64>, message: Option<String>) {
         self.progress.set(RunProgress {
             run_id,
+            bytes_remaining: None,
             phase: phase.to_string(),
             bytes,
             files,
@@ -411,6 +485,7 @@ impl Tasks {
                 let line = last_line.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 board.set(RunProgress {
                     run_id,
+                    bytes_remaining: None,
                     phase: "running".into(),
                     bytes: written.as_ref().map(|files| files.iter().map(|f| f.size).sum()),
                     files: written.as_ref().map(|files| files.len() as u64),

@@ -109,6 +109,7 @@ fn main() {
                             output_dir: None,
                             artifacts: Vec::new(),
                             artifacts_omitted: 0,
+                            replication: None,
                         };
                         if let Err(e) = tokio::task::block_in_place(|| {
                             scheduler.record_result(&agent, &result, &metrics, Utc::now())

@@ -552,8 +552,10 @@ async fn report(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> Respons
             ),
         );
     }
+    let data_url = report.data_url.clone();
     match shared.state.accept_report(report, peer.cert_not_after, now_unix()) {
         Ok(site) => {
+            shared.scheduler.note_data_url(&agent_id, data_url.as_deref());
             shared.metrics.reports_accepted.inc();
             tracing::debug!(agent = %agent_id, %site, "report accepted");
             json(StatusCode::OK, &ReportAck { accepted: true, site })

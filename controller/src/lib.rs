@@ -6,6 +6,7 @@
 mod api;
 mod backups;
 pub mod metrics;
+mod replications;
 pub mod scheduler;
 mod server;
 mod state;
@@ -61,6 +62,7 @@ pub fn render_metrics(shared: &Shared) -> Vec<u8> {
     shared.state.render(now_unix(), &own, &mut text);
     render_jobs(shared, &mut text);
     backups::render(&backups_view(shared), &mut text);
+    replications::render(&shared.scheduler.job_metrics(), now_unix(), &mut text);
     let mut out = text.into_bytes();
     shared.metrics.encode_registry(&mut out);
     shared

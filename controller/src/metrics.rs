@@ -122,6 +122,19 @@ defs! {
     BACKUP_RETENTION_BLOCKED_BYTES = "dicops_backup_retention_blocked_bytes", Gauge, "Size of the backups kept only because they are not yet in the other site.";
     BACKUP_FOLDER_READABLE = "dicops_backup_folder_readable", Gauge, "1 if the agent could read the backup's folder at its last scan; 0 when it is missing, not a folder, or unreadable (the error is in `dicops backups`).";
     BACKUP_SCAN = "dicops_backup_scan_timestamp_seconds", Gauge, "When the agent last scanned the backup's folder.";
+    REPLICATION_LAST_SUCCESS = "dicops_replication_last_success_timestamp_seconds", Gauge, "When the replication job's last successful run started. Labels site and agent are the destination's; source_site and source_agent the source's.";
+    REPLICATION_LAG = "dicops_replication_lag_seconds", Gauge, "Age of the source state held by the newest published snapshot: how much the other site would lose if the source site were lost now.";
+    REPLICATION_MAX_LAG = "dicops_replication_max_lag_seconds", Gauge, "The replication job's objective for its lag (max_lag in the controller config).";
+    REPLICATION_RUNNING = "dicops_replication_running", Gauge, "1 while a run of the replication job is queued or going.";
+    REPLICATION_LAST_DURATION = "dicops_replication_last_duration_seconds", Gauge, "How long the job's last finished run took, whatever its result.";
+    REPLICATION_LAST_OK = "dicops_replication_last_run_successful", Gauge, "1 if the replication job's last finished run succeeded.";
+    REPLICATION_BYTES_REMAINING = "dicops_replication_bytes_remaining", Gauge, "Bytes of chunks still to fetch in the running transfer.";
+    REPLICATION_BYTES_SENT = "dicops_replication_bytes_sent_total", Counter, "Bytes the replication job moved over the inter-site link (compressed chunks).";
+    REPLICATION_BYTES_REUSED = "dicops_replication_bytes_reused_total", Counter, "Bytes of published snapshots that did not cross the link: unchanged files and chunks the destination already held.";
+    REPLICATION_FILES = "dicops_replication_files_total", Counter, "Files in the snapshots the replication job published.";
+    REPLICATION_RUNS = "dicops_replication_runs_total", Counter, "Replication runs ended, by result (succeeded, failed, timed_out, interrupted).";
+    SNAPSHOTS = "dicops_snapshots", Gauge, "Snapshots of the replication job at the destination after its last successful run's retention. (Not dicops_snapshot_count: promtool refuses a _count suffix outside histograms and summaries.)";
+    SNAPSHOT_LAST_SIZE = "dicops_snapshot_last_size_bytes", Gauge, "Size of the newest published snapshot of the replication job.";
 }
 
 /// The controller's own instruments.
@@ -141,6 +154,10 @@ pub struct Metrics {
     pub job_timeouts: IntCounterVec,
     pub dispatch_delay: prometheus::Histogram,
     pub backup_runs: IntCounterVec,
+    pub replication_runs: IntCounterVec,
+    pub replication_bytes_sent: IntCounterVec,
+    pub replication_bytes_reused: IntCounterVec,
+    pub replication_files: IntCounterVec,
 }
 
 fn opts(def: Def) -> Opts {
@@ -174,6 +191,10 @@ impl Metrics {
                     .buckets(vec![0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0]),
             )?,
             backup_runs: IntCounterVec::new(opts(BACKUP_RUNS), &["site", "agent", "job", "result"])?,
+            replication_runs: IntCounterVec::new(opts(REPLICATION_RUNS), &["site", "agent", "job", "result"])?,
+            replication_bytes_sent: IntCounterVec::new(opts(REPLICATION_BYTES_SENT), &["site", "agent", "job"])?,
+            replication_bytes_reused: IntCounterVec::new(opts(REPLICATION_BYTES_REUSED), &["site", "agent", "job"])?,
+            replication_files: IntCounterVec::new(opts(REPLICATION_FILES), &["site", "agent", "job"])?,
             registry,
         };
         let r = &metrics.registry;
@@ -189,6 +210,10 @@ impl Metrics {
         r.register(Box::new(metrics.connections_open.clone()))?;
         r.register(Box::new(metrics.job_runs.clone()))?;
         r.register(Box::new(metrics.backup_runs.clone()))?;
+        r.register(Box::new(metrics.replication_runs.clone()))?;
+        r.register(Box::new(metrics.replication_bytes_sent.clone()))?;
+        r.register(Box::new(metrics.replication_bytes_reused.clone()))?;
+        r.register(Box::new(metrics.replication_files.clone()))?;
         r.register(Box::new(metrics.job_skipped.clone()))?;
         r.register(Box::new(metrics.job_timeouts.clone()))?;
         r.register(Box::new(metrics.dispatch_delay.clone()))?;

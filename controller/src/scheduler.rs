@@ -13,7 +13,10 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 use dicops_config::{ControllerConfig, JobConfig, JobKind};
 use dicops_core::jobs::{Action, ActiveRun, JobTimer, Outcome, Trigger};
-use dicops_proto::{JobStatus, RunInfo, RunProgress, Task, TaskKind, TaskOutcome, TaskPoll, TaskResult};
+use dicops_proto::{
+    JobStatus, KeepPolicy, PullTask, ReplicationStats, RunInfo, RunProgress, ServeGrant, Task, TaskKind, TaskOutcome,
+    TaskPoll, TaskResult,
+};
 use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
@@ -81,6 +84,8 @@ struct Entry {
     /// The last finished run and the last success, for metrics and the
     /// backups view.
     last_end: JobSummary,
+    /// What the last successful replication run published.
+    last_replication: Option<ReplicationStats>,
     /// The timer's last fire as last saved.
     saved_fire: Option<DateTime<Utc>>,
 }
@@ -99,6 +104,8 @@ struct Inner {
     pending: Vec<Pending>,
     outbox: HashMap<String, Vec<Task>>,
     cancel: HashMap<String, Vec<i64>>,
+    /// Grants waiting for the source agents of replication runs.
+    grants: HashMap<String, Vec<ServeGrant>>,
     slots: HashMap<(String, String), usize>,
     /// Backup runs on each agent.
     agent_backups: HashMap<String, usize>,
@@ -118,6 +125,8 @@ pub struct Scheduler {
     /// Wakes the scheduler loop (a manual run, a result, a reload).
     pub wake: Notify,
     waiters: Mutex<HashMap<String, Arc<Notify>>>,
+    /// The data port each agent announced in its reports.
+    data_urls: Mutex<HashMap<String, String>>,
 }
 
 /// The state of one job for metrics.
@@ -139,6 +148,48 @@ pub struct JobMetrics {
     pub command: String,
     pub last_success: Option<f64>,
     pub last_end: JobSummary,
+    /// A replication job: its objective, last published snapshot and the
+    /// transfer going on.
+    pub max_lag: Option<Duration>,
+    pub last_replication: Option<ReplicationStats>,
+    pub bytes_remaining: Option<u64>,
+    pub source: Option<(String, String)>,
+}
+
+/// The task a job's run sends, and the pair of sites whose slot it takes:
+/// (source, destination) for a replication, the agent's site twice otherwise.
+fn task_kind(config: &ControllerConfig, job: &JobConfig, site: &str) -> (TaskKind, (String, String)) {
+    match &job.kind {
+        JobKind::Command { command } | JobKind::Backup { command, .. } => (
+            TaskKind::Command { name: command.clone() },
+            (site.to_string(), site.to_string()),
+        ),
+        JobKind::Replication(spec) => {
+            let r = &spec.retention;
+            let task = PullTask {
+                source_agent: spec.source_agent.clone(),
+                // Filled in at hand-over, from what the source announced.
+                source_url: String::new(),
+                export: spec.export.clone(),
+                root: spec.root.clone(),
+                compress: spec.compression == dicops_config::Compression::Auto,
+                bandwidth: spec.bandwidth,
+                verify: spec.verify,
+                stall_timeout_seconds: spec.stall_timeout.as_secs(),
+                retention: KeepPolicy {
+                    keep_last: r.keep_last,
+                    keep_hourly: r.keep_hourly,
+                    keep_daily: r.keep_daily,
+                    keep_weekly: r.keep_weekly,
+                    keep_monthly: r.keep_monthly,
+                    keep_yearly: r.keep_yearly,
+                },
+                timezone: config.timezone.name().to_string(),
+            };
+            let source_site = config.site_of(&spec.source_agent).unwrap_or_default().to_string();
+            (TaskKind::Pull(task), (source_site, site.to_string()))
+        }
+    }
 }
 
 fn random_unit() -> f64 {
@@ -192,6 +243,7 @@ impl Scheduler {
                 pending: Vec::new(),
                 outbox: HashMap::new(),
                 cancel: HashMap::new(),
+                grants: HashMap::new(),
                 slots: HashMap::new(),
                 agent_backups: HashMap::new(),
                 progress: HashMap::new(),
@@ -200,6 +252,7 @@ impl Scheduler {
             }),
             wake: Notify::new(),
             waiters: Mutex::new(HashMap::new()),
+            data_urls: Mutex::new(HashMap::new()),
         };
         scheduler.configure(config, metrics, now, adopt)?;
         Ok(scheduler)
@@ -307,6 +360,10 @@ impl Scheduler {
                             holds_slot: adopted.is_some(),
                             last_run_at: summary.last_run,
                             last_success_at: summary.last_success,
+                            last_replication: summary
+                                .last_success_replication
+                                .as_deref()
+                                .and_then(|json| serde_json::from_str(json).ok()),
                             last_end: summary,
                             saved_fire,
                         },
@@ -370,23 +427,24 @@ impl Scheduler {
             .collect();
         let fire_refs: Vec<(&str, f64)> = fires.iter().map(|(j, f)| (j.as_str(), *f)).collect();
         let ids = self.store.record_tick(&new_runs, &fire_refs, to_unix(now))?;
+        let config = inner.config.clone();
         for ((job, trigger, attempt, at), run_id) in starts.into_iter().zip(ids) {
             let Some(entry) = inner.jobs.get_mut(&job) else {
                 continue;
             };
             entry.run = Some(run_id);
             entry.last_run_at = Some(to_unix(at));
-            let command = entry.config.kind.command().to_string();
+            let (kind, pair) = task_kind(&config, &entry.config, &entry.site);
             let deadline = to_unix(at) + entry.config.policy.max_runtime.as_secs_f64();
             tracing::info!(%job, run = run_id, trigger = trigger.as_str(), attempt, "run created");
             inner.pending.push(Pending {
                 run_id,
                 job: job.clone(),
                 agent: entry.config.agent.clone(),
-                pair: (entry.site.clone(), entry.site.clone()),
+                pair,
                 ready_at: at,
                 deadline,
-                kind: TaskKind::Command { name: command },
+                kind,
                 attempt,
                 backup: entry.config.kind.is_backup(),
             });
@@ -465,7 +523,31 @@ impl Scheduler {
             self.notify_agent(&agent);
         }
         self.apply_actions(&mut inner, actions, metrics, now)?;
-        self.promote(&mut inner, metrics, now);
+        let refused = self.promote(&mut inner, metrics, now);
+        let mut follow_ups = Vec::new();
+        for (run, job, error) in refused {
+            let end = RunEnd {
+                error: Some(error.clone()),
+                ..RunEnd::default()
+            };
+            if self.store.finish_run(run, RunStatus::Failed, &end, to_unix(now))? {
+                tracing::warn!(%job, run, %error, "run cannot start");
+                Self::note_end(
+                    &mut inner,
+                    metrics,
+                    &job,
+                    RunStatus::Failed,
+                    Some(&error),
+                    None,
+                    to_unix(now),
+                    None,
+                );
+            }
+            if let Some(action) = Self::end_run(&mut inner, &job, run, Outcome::Failed, None, random, now) {
+                follow_ups.push((job, action));
+            }
+        }
+        self.apply_actions(&mut inner, follow_ups, metrics, now)?;
 
         let mut next = now + chrono::Duration::seconds(1);
         for entry in inner.jobs.values() {
@@ -481,20 +563,68 @@ impl Scheduler {
         Ok(next.max(now))
     }
 
+    /// Records where an agent serves replication data.
+    pub fn note_data_url(&self, agent: &str, url: Option<&str>) {
+        let mut urls = self.data_urls.lock().unwrap_or_else(|p| p.into_inner());
+        match url {
+            Some(url) if urls.get(agent).map(String::as_str) != Some(url) => {
+                urls.insert(agent.to_string(), url.to_string());
+            }
+            None => {
+                urls.remove(agent);
+            }
+            _ => {}
+        }
+    }
+
     /// Moves pending runs whose time has come, and whose pair of sites has
-    /// a free slot, into their agent's outbox.
-    fn promote(&self, inner: &mut Inner, metrics: &Metrics, now: DateTime<Utc>) {
+    /// a free slot, into their agent's outbox. Returns the runs that cannot
+    /// be handed out at all, with the reason.
+    fn promote(&self, inner: &mut Inner, metrics: &Metrics, now: DateTime<Utc>) -> Vec<(i64, String, String)> {
         let limit = inner.config.concurrent_runs_per_site_pair;
         let mut waiting = Vec::new();
+        let mut refused = Vec::new();
         let pending = std::mem::take(&mut inner.pending);
         let mut woken = Vec::new();
         let backup_limit = inner.config.concurrent_backups_per_agent;
-        for p in pending {
+        for mut p in pending {
             let used = inner.slots.get(&p.pair).copied().unwrap_or(0);
             let agent_busy = p.backup && inner.agent_backups.get(&p.agent).copied().unwrap_or(0) >= backup_limit;
             if p.ready_at > now || used >= limit || agent_busy {
                 waiting.push(p);
                 continue;
+            }
+            if let TaskKind::Pull(pull) = &mut p.kind {
+                let url = self
+                    .data_urls
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&pull.source_agent)
+                    .cloned();
+                let Some(url) = url else {
+                    refused.push((
+                        p.run_id,
+                        p.job.clone(),
+                        format!(
+                            "source agent {} has not announced a data port: it is down, or its config lacks `data: {{listen, url}}`",
+                            pull.source_agent
+                        ),
+                    ));
+                    continue;
+                };
+                pull.source_url = url;
+                inner
+                    .grants
+                    .entry(pull.source_agent.clone())
+                    .or_default()
+                    .push(ServeGrant {
+                        run_id: p.run_id,
+                        job: p.job.clone(),
+                        export: pull.export.clone(),
+                        peer: p.agent.clone(),
+                        expires_at: p.deadline,
+                    });
+                woken.push(pull.source_agent.clone());
             }
             *inner.slots.entry(p.pair.clone()).or_default() += 1;
             if p.backup {
@@ -529,6 +659,7 @@ impl Scheduler {
         for agent in woken {
             self.notify_agent(&agent);
         }
+        refused
     }
 
     fn notify_agent(&self, agent: &str) {
@@ -552,11 +683,11 @@ impl Scheduler {
         let Some(entry) = inner.jobs.get_mut(job) else {
             return;
         };
-        if entry.config.kind.is_backup() {
-            metrics
-                .backup_runs
-                .with_label_values(&[&entry.site, &entry.config.agent, job, status.as_str()])
-                .inc();
+        let labels = [entry.site.as_str(), entry.config.agent.as_str(), job, status.as_str()];
+        match &entry.config.kind {
+            JobKind::Backup { .. } => metrics.backup_runs.with_label_values(&labels).inc(),
+            JobKind::Replication(_) => metrics.replication_runs.with_label_values(&labels).inc(),
+            JobKind::Command { .. } => {}
         }
         let end = &mut entry.last_end;
         end.last_status = Some(status.as_str().to_string());
@@ -605,13 +736,14 @@ impl Scheduler {
         let mut inner = self.lock();
         let tasks = inner.outbox.remove(agent).unwrap_or_default();
         let cancel = inner.cancel.remove(agent).unwrap_or_default();
+        let grants = inner.grants.remove(agent).unwrap_or_default();
         for task in &tasks {
             inner.taken.push((task.run_id, to_unix(now)));
             if let Some(d) = inner.on_agent.get_mut(&task.run_id) {
                 d.taken_at = Some(now);
             }
         }
-        Ok(TaskPoll { tasks, cancel })
+        Ok(TaskPoll { tasks, cancel, grants })
     }
 
     /// An agent polls once it has stored every task of its previous poll,
@@ -674,7 +806,7 @@ impl Scheduler {
         loop {
             let notified = waiter.notified();
             let poll = self.take_tasks(agent, Utc::now())?;
-            if !poll.tasks.is_empty() || !poll.cancel.is_empty() {
+            if !poll.tasks.is_empty() || !poll.cancel.is_empty() || !poll.grants.is_empty() {
                 return Ok(poll);
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -719,6 +851,7 @@ impl Scheduler {
             files: result.files,
             started_at: Some(result.started_at),
             manifest,
+            replication: result.replication.as_ref().and_then(|r| serde_json::to_string(r).ok()),
         };
         // The durable write (an fsync) happens outside the scheduler's lock;
         // finish_run is idempotent, so a timeout racing with it is safe.
@@ -738,6 +871,21 @@ impl Scheduler {
             result.finished_at,
             result.bytes,
         );
+        if let (Some(stats), TaskOutcome::Succeeded) = (&result.replication, result.outcome) {
+            if let Some(entry) = inner.jobs.get_mut(&run.job) {
+                let labels = [entry.site.as_str(), entry.config.agent.as_str(), run.job.as_str()];
+                metrics
+                    .replication_bytes_sent
+                    .with_label_values(&labels)
+                    .inc_by(stats.bytes_on_wire);
+                metrics
+                    .replication_bytes_reused
+                    .with_label_values(&labels)
+                    .inc_by(stats.bytes_reused);
+                metrics.replication_files.with_label_values(&labels).inc_by(stats.files);
+                entry.last_replication = Some(stats.clone());
+            }
+        }
         tracing::info!(job = %run.job, run = run.id, status = status.as_str(), error = result.error.as_deref().unwrap_or(""), "run finished");
         let follow_up = Self::end_run(
             &mut inner,
@@ -886,11 +1034,27 @@ impl Scheduler {
                     running_run: e.run,
                     max_age: match &e.config.kind {
                         JobKind::Backup { max_age, .. } => Some(*max_age),
-                        JobKind::Command { .. } => None,
+                        JobKind::Command { .. } | JobKind::Replication(_) => None,
                     },
-                    command: e.config.kind.command().to_string(),
+                    command: e.config.kind.command().unwrap_or_default().to_string(),
                     last_success: e.last_success_at,
                     last_end: e.last_end.clone(),
+                    max_lag: match &e.config.kind {
+                        JobKind::Replication(spec) => spec.max_lag,
+                        _ => None,
+                    },
+                    last_replication: e.last_replication.clone(),
+                    bytes_remaining: e
+                        .run
+                        .and_then(|run| inner.progress.get(&run))
+                        .and_then(|p| p.bytes_remaining),
+                    source: match &e.config.kind {
+                        JobKind::Replication(spec) => Some((
+                            inner.config.site_of(&spec.source_agent).unwrap_or_default().to_string(),
+                            spec.source_agent.clone(),
+                        )),
+                        _ => None,
+                    },
                 }
             })
             .collect()
@@ -930,6 +1094,7 @@ mod tests {
             output_dir: None,
             artifacts: Vec::new(),
             artifacts_omitted: 0,
+            replication: None,
         }
     }
 
@@ -1002,6 +1167,7 @@ mod tests {
             phase: "running".into(),
             bytes: Some(10),
             files: Some(1),
+            bytes_remaining: None,
             message: Some("dumping".into()),
             updated_at: 5.0,
         };

@@ -182,6 +182,8 @@ pub struct Deployment {
     pub controller_extra: String,
     /// YAML appended to every agent config (e.g. `commands:`).
     pub agent_extra: String,
+    /// YAML appended to one agent's config: (agent id, YAML).
+    pub agent_extras: Vec<(String, String)>,
     pub runtime: tokio::runtime::Runtime,
 }
 
@@ -208,6 +210,7 @@ impl Deployment {
             down_after: 3,
             controller_extra: String::new(),
             agent_extra: String::new(),
+            agent_extras: Vec::new(),
             runtime: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -267,6 +270,12 @@ impl Deployment {
             self.interval,
             self.root.path().display()
         ) + &self.agent_extra
+            + &self
+                .agent_extras
+                .iter()
+                .filter(|(agent, _)| agent == id)
+                .map(|(_, yaml)| yaml.as_str())
+                .collect::<String>()
     }
 
     pub fn start_agent(&self, id: &str) -> Process {

@@ -76,4 +76,6 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE INDEX runs_by_job ON runs (job, id DESC);
     CREATE INDEX runs_open ON runs (status) WHERE status IN ('queued', 'running');
     ",
+    // 3: what a replication run did (JSON of ReplicationStats).
+    "ALTER TABLE runs ADD COLUMN replication TEXT;",
 ];

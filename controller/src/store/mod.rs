@@ -68,6 +68,8 @@ pub struct RunEnd {
     pub started_at: Option<f64>,
     /// A backup run's manifest, as JSON.
     pub manifest: Option<String>,
+    /// A replication run's statistics, as JSON.
+    pub replication: Option<String>,
 }
 
 /// Per job: its last run and its last success, as the metrics show them.
@@ -83,6 +85,8 @@ pub struct JobSummary {
     pub last_duration: Option<f64>,
     /// What the last successful run produced.
     pub last_success_bytes: Option<u64>,
+    /// The statistics of the last successful replication run, as JSON.
+    pub last_success_replication: Option<String>,
 }
 
 /// One agent as last seen.
@@ -289,7 +293,7 @@ impl Store {
     pub fn finish_run(&self, id: i64, status: RunStatus, end: &RunEnd, now: f64) -> Result<bool, StoreError> {
         let changed = self.conn().execute(
             "UPDATE runs SET status = ?2, finished_at = ?3, error = ?4, exit_code = ?5, output_tail = ?6, bytes = ?7, files = ?8,
-                 started_at = COALESCE(?9, started_at), manifest = ?10
+                 started_at = COALESCE(?9, started_at), manifest = ?10, replication = ?11
              WHERE id = ?1 AND status IN ('queued', 'running')",
             params![
                 id,
@@ -302,6 +306,7 @@ impl Store {
                 end.files.map(|f| f as i64),
                 end.started_at,
                 end.manifest,
+                end.replication,
             ],
         )?;
         Ok(changed == 1)
@@ -349,12 +354,12 @@ impl Store {
     pub fn job_summaries(&self) -> Result<Vec<JobSummary>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT j.job, j.last_run, s.started, s.bytes, f.status, f.error, f.finished_at - f.started_at
+            "SELECT j.job, j.last_run, s.started, s.bytes, f.status, f.error, f.finished_at - f.started_at, s.replication
              FROM (SELECT job, MAX(COALESCE(started_at, created_at)) AS last_run,
                           MAX(CASE WHEN status = 'succeeded' THEN id END) AS success_id,
                           MAX(CASE WHEN finished_at IS NOT NULL THEN id END) AS finished_id
                    FROM runs GROUP BY job) j
-             LEFT JOIN (SELECT id, COALESCE(started_at, created_at) AS started, bytes FROM runs) s ON s.id = j.success_id
+             LEFT JOIN (SELECT id, COALESCE(started_at, created_at) AS started, bytes, replication FROM runs) s ON s.id = j.success_id
              LEFT JOIN runs f ON f.id = j.finished_id",
         )?;
         let rows = stmt.query_map([], |row| {
@@ -366,6 +371,7 @@ impl Store {
                 last_status: row.get(4)?,
                 last_error: row.get(5)?,
                 last_duration: row.get::<_, Option<f64>>(6)?.map(|d| d.max(0.0)),
+                last_success_replication: row.get(7)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -554,6 +560,7 @@ mod tests {
                 last_error: Some("disk full".into()),
                 last_duration: Some(3.0),
                 last_success_bytes: Some(4096),
+                last_success_replication: None,
             }
         );
         let run = store.run(good).expect("read").expect("exists");

@@ -28,6 +28,20 @@ pub struct AgentConfig {
     /// Local retention counts days, weeks and months in this timezone; set
     /// it to the controller's.
     pub timezone: chrono_tz::Tz,
+    /// The data port replication pulls connect to (source agents).
+    pub data: Option<DataConfig>,
+    /// Folders this agent serves, read only, to replication pulls, by name.
+    pub exports: BTreeMap<String, PathBuf>,
+    /// Folders under which this agent may write replicas, by name.
+    pub roots: BTreeMap<String, PathBuf>,
+}
+
+/// Where an agent serves replication data to its peers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataConfig {
+    pub listen: std::net::SocketAddr,
+    /// How peers reach it (`https://host:port`), announced to the controller.
+    pub url: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -146,6 +160,19 @@ struct RawAgent {
     watches: BTreeMap<String, RawWatch>,
     #[serde(default)]
     timezone: Option<String>,
+    #[serde(default)]
+    data: Option<RawData>,
+    #[serde(default)]
+    exports: BTreeMap<String, String>,
+    #[serde(default)]
+    roots: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawData {
+    listen: String,
+    url: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -357,7 +384,43 @@ fn validate(path: &Path, text: &str, raw: RawAgent) -> Result<AgentConfig, Confi
             chrono_tz::UTC
         }),
     };
+    let data = raw.data.as_ref().map(|data| {
+        let listen = data.listen.parse().unwrap_or_else(|_| {
+            check.problem(
+                "data.listen",
+                format!("{:?} is not an address and port such as 0.0.0.0:9444", data.listen),
+            );
+            std::net::SocketAddr::from(([127, 0, 0, 1], 0))
+        });
+        check.https_url("data.url", &data.url);
+        DataConfig {
+            listen,
+            url: data.url.clone(),
+        }
+    });
+    let exports = named_folders(&mut check, "exports", &raw.exports);
+    let roots = named_folders(&mut check, "roots", &raw.roots);
+    if !exports.is_empty() && data.is_none() {
+        check.problem(
+            "exports",
+            "exported folders are served on the data port: set `data: {listen: ADDRESS:PORT, url: https://HOST:PORT}`",
+        );
+    }
+    for (name, root) in &roots {
+        if let Some((export, _)) = exports.iter().find(|(_, e)| root.starts_with(e) || e.starts_with(root)) {
+            check.problem(
+                &format!("roots.{name}"),
+                format!(
+                    "root {} overlaps export {export:?}: replicas would be replicated back",
+                    root.display()
+                ),
+            );
+        }
+    }
     let config = AgentConfig {
+        data,
+        exports,
+        roots,
         timezone,
         state_dir,
         commands,
@@ -436,4 +499,18 @@ fn validate_output(check: &mut Checker<'_>, field: &str, command: &RawCommand) -
         retention,
         wait_for_replication: raw.and_then(|r| r.wait_for_replication).unwrap_or(true),
     })
+}
+
+/// `exports:` or `roots:`: names to absolute folders.
+fn named_folders(check: &mut Checker<'_>, section: &str, raw: &BTreeMap<String, String>) -> BTreeMap<String, PathBuf> {
+    let mut folders = BTreeMap::new();
+    for (name, path) in raw {
+        let field = format!("{section}.{name}");
+        check.id(&field, name, "name");
+        if !Path::new(path).is_absolute() {
+            check.problem(&field, format!("{path:?} must be an absolute path"));
+        }
+        folders.insert(name.clone(), PathBuf::from(path));
+    }
+    folders
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::jobs::{validate_jobs, JobConfig, RawBackup, RawJob, WatchBackup};
+use crate::jobs::{validate_jobs, JobConfig, RawBackup, RawJob, RawReplication, WatchBackup};
 use crate::{decode, read, Checker, ConfigError, RawTls, TlsFiles};
 
 /// The validated controller config.
@@ -104,6 +104,8 @@ struct RawController {
     jobs: Vec<RawJob>,
     #[serde(default)]
     backups: Vec<RawBackup>,
+    #[serde(default)]
+    replications: Vec<RawReplication>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -234,7 +236,8 @@ fn validate(path: &Path, text: &str, raw: RawController, check_files: bool) -> R
     if concurrent_backups_per_agent == 0 {
         check.problem("limits.concurrent_backups_per_agent", "must be at least 1");
     }
-    let (jobs, watched_backups) = validate_jobs(&mut check, raw.jobs, raw.backups, &agent_index);
+    let agent_sites: HashMap<&str, &str> = raw.agents.iter().map(|a| (a.id.as_str(), a.site.as_str())).collect();
+    let (jobs, watched_backups) = validate_jobs(&mut check, raw.jobs, raw.backups, raw.replications, &agent_sites);
 
     let config = ControllerConfig {
         timezone,

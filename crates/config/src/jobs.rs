@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use dicops_core::backoff::Backoff;
 use dicops_core::jobs::{Overlap, RunPolicy};
+use dicops_core::retention::RetentionPolicy;
 use dicops_core::schedule::Schedule;
 use serde::Deserialize;
 
@@ -31,6 +32,37 @@ pub enum JobKind {
     /// A backup made by running the agent's command `command`, which must
     /// succeed at least every `max_age`.
     Backup { command: String, max_age: Duration },
+    /// A pull of a source agent's exported folder into a snapshot under a
+    /// root of the job's agent (the destination), in another site.
+    Replication(Box<ReplicationSpec>),
+}
+
+/// What a replication job copies, where to, and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicationSpec {
+    pub source_agent: String,
+    /// The name of the folder in the source agent's `exports:`.
+    pub export: String,
+    /// The name of the folder in the destination agent's `roots:`.
+    pub root: String,
+    /// The objective: the newest snapshot's source state must be younger.
+    pub max_lag: Option<Duration>,
+    /// Snapshots kept at the destination.
+    pub retention: RetentionPolicy,
+    /// Bytes per second on the wire for this job; None: no limit of its own.
+    pub bandwidth: Option<u64>,
+    pub compression: Compression,
+    /// Re-read every published file and compare with the manifest.
+    pub verify: bool,
+    /// A transfer that moves no byte for this long is aborted and retried.
+    pub stall_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// zstd where it pays (a chunk that does not shrink travels raw).
+    Auto,
+    None,
 }
 
 impl JobKind {
@@ -38,13 +70,15 @@ impl JobKind {
         match self {
             JobKind::Command { .. } => "command",
             JobKind::Backup { .. } => "backup",
+            JobKind::Replication(_) => "replication",
         }
     }
 
-    /// The name of the agent's command the job runs.
-    pub fn command(&self) -> &str {
+    /// The name of the agent's command the job runs, if it runs one.
+    pub fn command(&self) -> Option<&str> {
         match self {
-            JobKind::Command { command } | JobKind::Backup { command, .. } => command,
+            JobKind::Command { command } | JobKind::Backup { command, .. } => Some(command),
+            JobKind::Replication(_) => None,
         }
     }
 
@@ -66,13 +100,13 @@ pub struct WatchBackup {
 }
 
 macro_rules! raw_with_policy {
-    ($(#[$meta:meta])* $name:ident { $($field:ident: $ty:ty,)* }) => {
+    ($(#[$meta:meta])* $name:ident { $($required:ident: $rty:ty,)* ; $($field:ident: $ty:ty,)* }) => {
         $(#[$meta])*
         #[derive(Debug, Deserialize)]
         #[serde(deny_unknown_fields)]
         pub(crate) struct $name {
             name: String,
-            agent: String,
+            $($required: $rty,)*
             $(#[serde(default)] $field: $ty,)*
             #[serde(default)]
             schedule: Option<String>,
@@ -111,14 +145,65 @@ macro_rules! raw_with_policy {
 raw_with_policy!(
     /// A job running an agent's command (`command: NAME`).
     RawJob {
+        agent: String,
         command: String,
+        ;
     }
 );
+
+raw_with_policy!(
+    /// A replication: from a source agent's export to a destination
+    /// agent's root, in another site.
+    RawReplication {
+        ;
+        source: Option<RawSource>,
+        destination: Option<RawDestination>,
+        max_lag: Option<String>,
+        retention: Option<RawSnapshotRetention>,
+        bandwidth: Option<String>,
+        compression: Option<String>,
+        verify: Option<bool>,
+        stall_timeout: Option<String>,
+    }
+);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSource {
+    agent: String,
+    export: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDestination {
+    agent: String,
+    root: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSnapshotRetention {
+    #[serde(default)]
+    keep_last: u32,
+    #[serde(default)]
+    keep_hourly: u32,
+    #[serde(default)]
+    keep_daily: u32,
+    #[serde(default)]
+    keep_weekly: u32,
+    #[serde(default)]
+    keep_monthly: u32,
+    #[serde(default)]
+    keep_yearly: u32,
+}
 
 raw_with_policy!(
     /// A backup: `run: COMMAND` (scheduled here, run by the agent) or
     /// `watch: WATCH` (made by another tool, watched by the agent).
     RawBackup {
+        agent: String,
+        ;
         run: Option<String>,
         watch: Option<String>,
         max_age: Option<String>,
@@ -206,7 +291,7 @@ fn check_name_and_agent(
     at: &dyn Fn(&str) -> String,
     name: &str,
     agent: &str,
-    agents: &HashMap<&str, usize>,
+    agents: &HashMap<&str, &str>,
 ) {
     check.id(&at("name"), name, "job name");
     if let Some(first) = seen.insert(name.to_string(), at("name")) {
@@ -230,7 +315,8 @@ pub(crate) fn validate_jobs(
     check: &mut Checker<'_>,
     raw_jobs: Vec<RawJob>,
     raw_backups: Vec<RawBackup>,
-    agents: &HashMap<&str, usize>,
+    raw_replications: Vec<RawReplication>,
+    agents: &HashMap<&str, &str>,
 ) -> (Vec<JobConfig>, Vec<WatchBackup>) {
     let mut seen: HashMap<String, String> = HashMap::new();
     let mut jobs = Vec::new();
@@ -316,5 +402,108 @@ pub(crate) fn validate_jobs(
             ),
         }
     }
+    for (i, raw) in raw_replications.into_iter().enumerate() {
+        let at = |field: &str| format!("replications[{i}].{field}");
+        if let Some(job) = validate_replication(check, &mut seen, &at, raw, agents) {
+            jobs.push(job);
+        }
+    }
     (jobs, watches)
+}
+
+fn validate_replication(
+    check: &mut Checker<'_>,
+    seen: &mut HashMap<String, String>,
+    at: &dyn Fn(&str) -> String,
+    raw: RawReplication,
+    agents: &HashMap<&str, &str>,
+) -> Option<JobConfig> {
+    let (Some(source), Some(destination)) = (&raw.source, &raw.destination) else {
+        check.problem(
+            &at("name"),
+            format!(
+                "replication {:?} needs `source: {{agent, export}}` and `destination: {{agent, root}}`",
+                raw.name
+            ),
+        );
+        return None;
+    };
+    check_name_and_agent(check, seen, at, &raw.name, &destination.agent, agents);
+    if !agents.contains_key(source.agent.as_str()) {
+        check.problem(
+            &at("source.agent"),
+            format!(
+                "{:?} names agent {:?}, which is not under `agents:`",
+                raw.name, source.agent
+            ),
+        );
+    }
+    check.id(&at("source.export"), &source.export, "export name");
+    check.id(&at("destination.root"), &destination.root, "root name");
+    if let (Some(from), Some(to)) = (
+        agents.get(source.agent.as_str()),
+        agents.get(destination.agent.as_str()),
+    ) {
+        if from == to {
+            check.problem(
+                &at("destination.agent"),
+                format!(
+                    "{:?} copies from {} to {}, both in site {from}: a replica in the same site does not survive the loss of that site",
+                    raw.name, source.agent, destination.agent
+                ),
+            );
+        }
+    }
+    let schedule = validate_schedule(check, &at("schedule"), &raw.name, raw.schedule.as_deref());
+    let policy = validate_policy(check, at, &raw.policy_fields());
+    let max_lag = raw
+        .max_lag
+        .as_deref()
+        .map(|text| check.duration(&at("max_lag"), Some(text), Duration::from_secs(86400)));
+    let compression = match raw.compression.as_deref() {
+        None | Some("auto") | Some("zstd") => Compression::Auto,
+        Some("none") => Compression::None,
+        Some(other) => {
+            check.problem(&at("compression"), format!("{other:?} is not `auto`, `zstd` or `none`"));
+            Compression::Auto
+        }
+    };
+    let bandwidth = raw.bandwidth.as_deref().map(|text| {
+        let per_second = text.strip_suffix("/s").unwrap_or(text);
+        check.bytes(&at("bandwidth"), Some(per_second), u64::MAX)
+    });
+    let retention = raw
+        .retention
+        .as_ref()
+        .map(|r| RetentionPolicy {
+            keep_last: r.keep_last,
+            keep_hourly: r.keep_hourly,
+            keep_daily: r.keep_daily,
+            keep_weekly: r.keep_weekly,
+            keep_monthly: r.keep_monthly,
+            keep_yearly: r.keep_yearly,
+        })
+        .unwrap_or_default();
+    let stall_timeout = check.duration(
+        &at("stall_timeout"),
+        raw.stall_timeout.as_deref(),
+        Duration::from_secs(300),
+    );
+    Some(JobConfig {
+        name: raw.name,
+        agent: destination.agent.clone(),
+        kind: JobKind::Replication(Box::new(ReplicationSpec {
+            source_agent: source.agent.clone(),
+            export: source.export.clone(),
+            root: destination.root.clone(),
+            max_lag,
+            retention,
+            bandwidth,
+            compression,
+            verify: raw.verify.unwrap_or(true),
+            stall_timeout,
+        })),
+        schedule,
+        policy,
+    })
 }

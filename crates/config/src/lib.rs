@@ -15,11 +15,11 @@ mod jobs;
 mod locate;
 mod users;
 
-pub use agent::{AgentConfig, CollectConfig, CommandConfig, FreeSpace, OutputConfig, RunAs, WatchConfig};
+pub use agent::{AgentConfig, CollectConfig, CommandConfig, DataConfig, FreeSpace, OutputConfig, RunAs, WatchConfig};
 pub use cli::CliConfig;
 pub use controller::{AgentEntry, ControllerConfig, Site};
 pub use error::{ConfigError, Problem};
-pub use jobs::{JobConfig, JobKind, WatchBackup};
+pub use jobs::{Compression, JobConfig, JobKind, ReplicationSpec, WatchBackup};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

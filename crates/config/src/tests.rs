@@ -259,3 +259,79 @@ fn backup_commands_have_an_output_folder_a_floor_retention_and_a_user() {
     );
     assert!(err.contains("watches.w.glob:"), "{err}");
 }
+
+const TWO_SITES: &str = "sites: [{name: dc1}, {name: dc2}]\nagents: [{id: db01, site: dc1}, {id: app01, site: dc1}, {id: backup01, site: dc2}]\n";
+
+#[test]
+fn replications_copy_from_an_export_to_a_root_in_the_other_site() {
+    let config = controller(&format!(
+        "{TWO_SITES}replications:\n  - name: pg-to-dc2\n    source: {{agent: db01, export: pg}}\n    destination: {{agent: backup01, root: replicas}}\n    schedule: \"*/30 * * * *\"\n    max_lag: 2h\n    retention: {{keep_last: 3, keep_daily: 7}}\n    bandwidth: 50MiB/s\n    compression: none\n    stall_timeout: 2m\n"
+    ))
+    .expect("valid");
+    let job = config.job("pg-to-dc2").expect("job");
+    assert_eq!(job.agent, "backup01", "the destination pulls");
+    let JobKind::Replication(spec) = &job.kind else {
+        panic!("{job:?}")
+    };
+    assert_eq!(
+        (spec.source_agent.as_str(), spec.export.as_str(), spec.root.as_str()),
+        ("db01", "pg", "replicas")
+    );
+    assert_eq!(spec.max_lag, Some(Duration::from_secs(7200)));
+    assert_eq!((spec.retention.keep_last, spec.retention.keep_daily), (3, 7));
+    assert_eq!(spec.bandwidth, Some(50 << 20));
+    assert_eq!(spec.compression, Compression::None);
+    assert!(spec.verify);
+    assert_eq!(spec.stall_timeout, Duration::from_secs(120));
+
+    let err = message(
+        controller(&format!(
+            "{TWO_SITES}replications:\n  - {{name: same-site, source: {{agent: db01, export: pg}}, destination: {{agent: app01, root: r}}}}\n  - {{name: nowhere, source: {{agent: db01, export: pg}}}}\n  - {{name: ghost, source: {{agent: db99, export: pg}}, destination: {{agent: backup01, root: r}}, compression: lz4}}\n"
+        ))
+        .expect_err("invalid"),
+    );
+    assert!(
+        err.contains("replications[0].destination.agent: \"same-site\" copies from db01 to app01, both in site dc1"),
+        "{err}"
+    );
+    assert!(
+        err.contains("replication \"nowhere\" needs `source: {agent, export}` and `destination: {agent, root}`"),
+        "{err}"
+    );
+    assert!(
+        err.contains("replications[2].source.agent: \"ghost\" names agent \"db99\""),
+        "{err}"
+    );
+    assert!(
+        err.contains("replications[2].compression: \"lz4\" is not `auto`, `zstd` or `none`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn agents_name_their_exports_roots_and_data_port() {
+    let base = "id: db01\ncontroller: {url: \"https://c:9443\"}\ntls: {ca: ca.pem, cert: cert.pem, key: key.pem}\n";
+    let config = agent(&format!(
+        "{base}data: {{listen: \"0.0.0.0:9444\", url: \"https://db01.dc1.example.org:9444\"}}\nexports: {{pg: /var/backups/pg}}\nroots: {{replicas: /srv/replicas}}\n"
+    ))
+    .expect("valid");
+    assert_eq!(config.data.as_ref().map(|d| d.listen.port()), Some(9444));
+    assert_eq!(config.exports["pg"], PathBuf::from("/var/backups/pg"));
+    assert_eq!(config.roots["replicas"], PathBuf::from("/srv/replicas"));
+
+    let err = message(
+        agent(&format!(
+            "{base}exports: {{pg: /var/backups/pg}}\nroots: {{mine: /var/backups, rel: srv}}\n"
+        ))
+        .expect_err("invalid"),
+    );
+    assert!(
+        err.contains("exports: exported folders are served on the data port"),
+        "{err}"
+    );
+    assert!(
+        err.contains("roots.mine: root /var/backups overlaps export \"pg\""),
+        "{err}"
+    );
+    assert!(err.contains("roots.rel: \"srv\" must be an absolute path"), "{err}");
+}

@@ -8,6 +8,7 @@ pub mod body;
 pub mod client;
 pub mod identity;
 pub mod logging;
+pub mod server;
 pub mod tls;
 
 pub use client::{ClientError, FailureClass, HttpsClient};

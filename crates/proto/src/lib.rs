@@ -101,6 +101,9 @@ pub struct Report {
     /// commands and the folders watched for other tools' backups.
     #[serde(default)]
     pub backups: Vec<LocalBackup>,
+    /// Where peers pull replication data from this agent, if it serves any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_url: Option<String>,
     /// The agent's own certificate, as it sees it.
     #[serde(default)]
     pub certificate_expiry_timestamp_seconds: Option<f64>,
@@ -344,6 +347,79 @@ pub struct Task {
 pub enum TaskKind {
     /// Run the command the agent's own config defines under this name.
     Command { name: String },
+    /// Pull a source agent's export into a snapshot under one of this
+    /// agent's roots.
+    Pull(PullTask),
+}
+
+/// One replication run, as the destination agent gets it: a one-run ticket
+/// to pull from `source_agent`, which gets the matching `ServeGrant`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullTask {
+    pub source_agent: String,
+    /// The source's data port, as it announced it.
+    pub source_url: String,
+    /// Names in the source's `exports:` and in this agent's `roots:`.
+    pub export: String,
+    pub root: String,
+    /// Ask for chunks zstd-compressed (sent raw where that does not pay).
+    pub compress: bool,
+    /// Bytes per second on the wire; None: unlimited.
+    #[serde(default)]
+    pub bandwidth: Option<u64>,
+    pub verify: bool,
+    pub stall_timeout_seconds: u64,
+    pub retention: KeepPolicy,
+    /// The deployment's timezone, for retention's days and weeks.
+    pub timezone: String,
+}
+
+/// Snapshots kept by a destination (all zero: keep everything).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeepPolicy {
+    #[serde(default)]
+    pub keep_last: u32,
+    #[serde(default)]
+    pub keep_hourly: u32,
+    #[serde(default)]
+    pub keep_daily: u32,
+    #[serde(default)]
+    pub keep_weekly: u32,
+    #[serde(default)]
+    pub keep_monthly: u32,
+    #[serde(default)]
+    pub keep_yearly: u32,
+}
+
+/// Lets `peer` pull `export` from this (source) agent for one run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServeGrant {
+    pub run_id: i64,
+    pub job: String,
+    pub export: String,
+    pub peer: String,
+    /// Unix seconds after which the grant is void (the run's deadline).
+    pub expires_at: f64,
+}
+
+/// What a replication run did, in its result.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReplicationStats {
+    /// The published snapshot's name.
+    pub snapshot: String,
+    /// When the source read the tree the snapshot holds.
+    pub source_state_at: f64,
+    pub files: u64,
+    pub bytes: u64,
+    /// Files hard-linked to the previous snapshot.
+    pub files_linked: u64,
+    /// Bytes not sent: linked files and chunks found at the destination.
+    pub bytes_reused: u64,
+    /// Chunk bytes fetched from the source, and what they took on the wire.
+    pub bytes_fetched: u64,
+    pub bytes_on_wire: u64,
+    /// Snapshots at the destination after retention.
+    pub snapshots: u64,
 }
 
 /// The answer to a long poll.
@@ -354,6 +430,9 @@ pub struct TaskPoll {
     /// Runs the controller has given up on (max runtime): stop them.
     #[serde(default)]
     pub cancel: Vec<i64>,
+    /// Replication runs this agent is the source of: serve them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grants: Vec<ServeGrant>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -395,6 +474,8 @@ pub struct TaskResult {
     pub artifacts: Vec<Artifact>,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub artifacts_omitted: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<ReplicationStats>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -472,6 +553,9 @@ pub struct RunProgress {
     pub bytes: Option<u64>,
     #[serde(default)]
     pub files: Option<u64>,
+    /// Bytes still to move (a replication's transfer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_remaining: Option<u64>,
     /// The last line of the command's output.
     #[serde(default)]
     pub message: Option<String>,

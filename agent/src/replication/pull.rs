@@ -1,0 +1,358 @@
+//! The destination side: one replication run. The agent checks that the
+//! root is one its own config names, fetches the source's manifest over
+//! mutual TLS from exactly the agent the ticket names, asks only for the
+//! chunks it does not hold, and publishes the snapshot with one rename once
+//! every file is verified.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dicops_net::{ClientError, HttpsClient, TlsReloader};
+use dicops_proto::{ApiError, ChunkRef, Identity, ManifestEntry, ManifestHeader, PullTask, ReplicationStats};
+use hyper::{Method, StatusCode};
+use tokio_util::sync::CancellationToken;
+
+use super::serve::{encode_hex32, ChunkRequest, PublishedFile, CODEC_RAW, CODEC_ZSTD};
+use super::snapshot::JobStore;
+
+/// Bytes of chunks asked for in one request (the source allows 16 MiB).
+const BATCH_BYTES: u64 = 8 << 20;
+const BATCH_CHUNKS: usize = 256;
+/// How long to wait for the source to receive its grant.
+const GRANT_WAIT: Duration = Duration::from_secs(30);
+/// Files per `published` message.
+const PUBLISHED_BATCH: usize = 10_000;
+
+/// What a pull reports as it goes.
+pub struct Progress {
+    pub phase: &'static str,
+    pub bytes: u64,
+    pub remaining: u64,
+    pub message: String,
+}
+
+pub struct Puller {
+    pub roots: BTreeMap<String, PathBuf>,
+    pub tls: Arc<TlsReloader>,
+    pub config_file: String,
+}
+
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T, String> + Send + 'static) -> Result<T, String> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|e| Err(format!("internal error: {e}")))
+}
+
+/// The refusal text of a source's answer.
+fn refusal(status: StatusCode, body: &[u8]) -> (String, String) {
+    match serde_json::from_slice::<ApiError>(body) {
+        Ok(e) => (e.reason, e.error),
+        Err(_) => (String::new(), format!("{status}")),
+    }
+}
+
+impl Puller {
+    pub async fn pull(
+        &self,
+        job: &str,
+        run_id: i64,
+        pull: &PullTask,
+        cancel: CancellationToken,
+        progress: impl Fn(Progress),
+    ) -> Result<ReplicationStats, String> {
+        let Some(root) = self.roots.get(&pull.root).cloned() else {
+            return Err(format!(
+                "root {:?} is not in the `roots:` of this agent's config ({}): an agent writes only under the roots its own config names",
+                pull.root, self.config_file
+            ));
+        };
+        let tz = dicops_core::schedule::parse_timezone(&pull.timezone).unwrap_or(chrono_tz::UTC);
+        let stall = Duration::from_secs(pull.stall_timeout_seconds.max(5));
+        let source = format!("source agent {} at {}", pull.source_agent, pull.source_url);
+        let mut client = HttpsClient::new(
+            &pull.source_url,
+            Identity::Agent(pull.source_agent.clone()),
+            self.tls.clone(),
+        )
+        .map_err(|e| format!("{source}: {e}"))?;
+        client.request_timeout = stall;
+
+        progress(Progress {
+            phase: "manifest",
+            bytes: 0,
+            remaining: 0,
+            message: format!("reading the tree of {}", pull.source_agent),
+        });
+        let path = format!("/data/v1/runs/{run_id}/manifest");
+        let started = Instant::now();
+        let body = loop {
+            match client.request(Method::GET, &path, None).await {
+                Ok((status, body)) if status.is_success() => break body,
+                Ok((status, body)) => {
+                    let (reason, error) = refusal(status, &body);
+                    // The grant travels in the source's own poll: give it time.
+                    if reason == "no_grant" && started.elapsed() < GRANT_WAIT && !cancel.is_cancelled() {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                    return Err(format!("{source} refused the manifest: {error}"));
+                }
+                Err(e) => return Err(describe(&source, &e, stall)),
+            }
+        };
+        let (header, entries) = parse_manifest(&body)?;
+        if header.run_id != run_id || header.job != job || header.source_agent != pull.source_agent {
+            return Err(format!(
+                "{source} sent the manifest of run {} of {} from {}, not of this run",
+                header.run_id, header.job, header.source_agent
+            ));
+        }
+        let store = {
+            let (root, job) = (root.clone(), job.to_string());
+            Arc::new(blocking(move || JobStore::open(&root, &job)).await?)
+        };
+        let plan = {
+            let (store, header, entries) = (store.clone(), header.clone(), entries.clone());
+            blocking(move || store.plan(&header, &entries)).await?
+        };
+        let total_missing = plan.bytes_missing;
+        tracing::info!(
+            run = run_id,
+            files = entries.len(),
+            base = plan.base().unwrap_or("none"),
+            linked = plan.files_linked,
+            bytes_local = plan.bytes_local,
+            bytes_missing = total_missing,
+            "replication planned"
+        );
+
+        let mut fetched = 0u64;
+        let mut on_wire = 0u64;
+        let transfer_started = Instant::now();
+        for batch in batches(&plan.missing) {
+            if cancel.is_cancelled() {
+                return Err("the run was cancelled (max_runtime passed, or the agent is stopping)".into());
+            }
+            progress(Progress {
+                phase: "transferring",
+                bytes: fetched,
+                remaining: total_missing.saturating_sub(fetched),
+                message: format!(
+                    "{} of {} fetched",
+                    dicops_core::units::format_bytes(fetched),
+                    dicops_core::units::format_bytes(total_missing)
+                ),
+            });
+            let request = ChunkRequest {
+                ids: batch.iter().map(|c| c.id.clone()).collect(),
+                compress: pull.compress,
+            };
+            let body = serde_json::to_vec(&request).map_err(|e| e.to_string())?;
+            let answer = match client
+                .request(Method::POST, &format!("/data/v1/runs/{run_id}/chunks"), Some(body))
+                .await
+            {
+                Ok((status, body)) if status.is_success() => body,
+                Ok((status, body)) => {
+                    let (_, error) = refusal(status, &body);
+                    return Err(format!("{source} refused chunks: {error}"));
+                }
+                Err(e) => return Err(describe(&source, &e, stall)),
+            };
+            on_wire += answer.len() as u64;
+            let chunks = parse_frames(&answer, batch)?;
+            for (id, bytes) in chunks {
+                fetched += bytes.len() as u64;
+                let store = store.clone();
+                blocking(move || store.store_chunk(&id, &bytes)).await?;
+            }
+            if let Some(rate) = pull.bandwidth.filter(|r| *r > 0) {
+                // Stay under the job's limit on average.
+                let due = Duration::from_secs_f64(on_wire as f64 / rate as f64);
+                if let Some(wait) = due.checked_sub(transfer_started.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+
+        progress(Progress {
+            phase: "publishing",
+            bytes: fetched,
+            remaining: 0,
+            message: format!("verifying and publishing {} files", entries.len()),
+        });
+        let published = {
+            let (store, header, entries) = (store.clone(), header.clone(), entries.clone());
+            blocking(move || store.publish(&header, &entries, &plan)).await?
+        };
+        if pull.verify {
+            progress(Progress {
+                phase: "verifying",
+                bytes: fetched,
+                remaining: 0,
+                message: format!("re-reading snapshot {}", published.name),
+            });
+            let dir = root.join(job).join("snapshots").join(&published.name);
+            let entries = entries.clone();
+            blocking(move || verify(&dir, &entries)).await?;
+        }
+        let retention = super::snapshot_retention(&pull.retention);
+        let snapshots = {
+            let store = store.clone();
+            let keep = published.name.clone();
+            blocking(move || {
+                let deleted = store.apply_retention(&retention, tz, &[keep])?;
+                if !deleted.is_empty() {
+                    tracing::info!(deleted = ?deleted, "snapshots deleted by retention");
+                }
+                store.snapshots()
+            })
+            .await?
+        };
+        // Tell the source which files the other site now holds. Best
+        // effort: the source keeps a backup a little longer if this fails.
+        let files: Vec<PublishedFile> = entries
+            .iter()
+            .map(|e| PublishedFile {
+                path: e.path.clone(),
+                blake3: e.blake3.clone(),
+            })
+            .collect();
+        for part in files.chunks(PUBLISHED_BATCH) {
+            let Ok(body) = serde_json::to_vec(part) else { continue };
+            if let Err(e) = client
+                .request(Method::POST, &format!("/data/v1/runs/{run_id}/published"), Some(body))
+                .await
+            {
+                tracing::warn!(error = %e, "cannot tell the source what was published");
+                break;
+            }
+        }
+        let bytes: u64 = entries.iter().map(|e| e.size).sum();
+        Ok(ReplicationStats {
+            snapshot: published.name,
+            source_state_at: header.taken_at,
+            files: entries.len() as u64,
+            bytes,
+            files_linked: published.files_linked,
+            bytes_reused: bytes.saturating_sub(fetched),
+            bytes_fetched: fetched,
+            bytes_on_wire: on_wire,
+            snapshots: snapshots.len() as u64,
+        })
+    }
+}
+
+fn describe(source: &str, error: &ClientError, stall: Duration) -> String {
+    match error {
+        ClientError::Timeout { .. } => format!(
+            "{source}: no data moved for {} s (stall_timeout): transfer aborted, to be retried",
+            stall.as_secs()
+        ),
+        other => format!("{source}: {other}"),
+    }
+}
+
+/// Splits the missing chunks into requests the source accepts.
+fn batches(missing: &[ChunkRef]) -> Vec<&[ChunkRef]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0u64;
+    for (i, chunk) in missing.iter().enumerate() {
+        if i > start && (i - start >= BATCH_CHUNKS || bytes + u64::from(chunk.len) > BATCH_BYTES) {
+            out.push(&missing[start..i]);
+            start = i;
+            bytes = 0;
+        }
+        bytes += u64::from(chunk.len);
+    }
+    if start < missing.len() {
+        out.push(&missing[start..]);
+    }
+    out
+}
+
+/// The manifest: a header line, then one entry per line.
+fn parse_manifest(body: &[u8]) -> Result<(ManifestHeader, Vec<ManifestEntry>), String> {
+    let mut lines = body.split(|b| *b == b'\n').filter(|l| !l.is_empty());
+    let header: ManifestHeader = lines
+        .next()
+        .ok_or("the source sent an empty manifest")
+        .and_then(|l| serde_json::from_slice(l).map_err(|_| "the source's manifest header is malformed"))?;
+    let mut entries = Vec::new();
+    for (i, line) in lines.enumerate() {
+        let entry: ManifestEntry = serde_json::from_slice(line)
+            .map_err(|e| format!("line {} of the source's manifest is malformed: {e}", i + 2))?;
+        entries.push(entry);
+    }
+    Ok((header, entries))
+}
+
+/// The frames of a chunk answer: every chunk asked for, each decompressed
+/// within its announced length. Whether its bytes match its id is checked
+/// when it is stored.
+fn parse_frames(body: &[u8], asked: &[ChunkRef]) -> Result<Vec<(String, Vec<u8>)>, String> {
+    let lengths: std::collections::HashMap<&str, u32> = asked.iter().map(|c| (c.id.as_str(), c.len)).collect();
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    let mut rest = body;
+    while !rest.is_empty() {
+        if rest.len() < 37 {
+            return Err("the source sent a truncated chunk frame".into());
+        }
+        let mut raw = [0u8; 32];
+        raw.copy_from_slice(&rest[..32]);
+        let id = encode_hex32(&raw);
+        let codec = rest[32];
+        let len = u32::from_le_bytes([rest[33], rest[34], rest[35], rest[36]]) as usize;
+        let Some(&expected) = lengths.get(id.as_str()) else {
+            return Err(format!("the source sent chunk {id}, which was not asked for"));
+        };
+        let payload = rest.get(37..37 + len).ok_or("the source sent a truncated chunk")?;
+        let bytes = match codec {
+            CODEC_RAW => payload.to_vec(),
+            CODEC_ZSTD => zstd::bulk::decompress(payload, expected as usize)
+                .map_err(|e| format!("chunk {id} does not decompress: {e}"))?,
+            other => return Err(format!("chunk {id} has unknown codec {other}")),
+        };
+        if bytes.len() != expected as usize {
+            return Err(format!(
+                "chunk {id} is {} bytes, the manifest says {expected}",
+                bytes.len()
+            ));
+        }
+        seen.insert(id.clone());
+        out.push((id, bytes));
+        rest = &rest[37 + len..];
+    }
+    if let Some(missing) = asked.iter().find(|c| !seen.contains(&c.id)) {
+        return Err(format!("the source did not send chunk {}", missing.id));
+    }
+    Ok(out)
+}
+
+/// Re-reads every file of a published snapshot and compares with the
+/// manifest.
+fn verify(dir: &Path, entries: &[ManifestEntry]) -> Result<(), String> {
+    let mut bad = Vec::new();
+    for entry in entries {
+        let path = dir.join(&entry.path);
+        match crate::backup::scan::hash_file(&path) {
+            Ok(hash) if hash == entry.blake3 => {}
+            Ok(_) => bad.push(entry.path.clone()),
+            Err(e) => bad.push(format!("{} ({e})", entry.path)),
+        }
+    }
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "verify after publish: {} file(s) of {} differ from the manifest: {}",
+            bad.len(),
+            dir.display(),
+            bad.iter().take(10).cloned().collect::<Vec<_>>().join(", ")
+        ))
+    }
+}

@@ -1,0 +1,446 @@
+//! The source side: the agent's data port. It serves an exported folder to
+//! exactly the peer the controller granted, for exactly one run, read only.
+//!
+//! - `GET  /data/v1/runs/RUN/manifest`: the tree as NDJSON (a header, then
+//!   one entry per file with its chunks), chunk lists cached by (path,
+//!   size, mtime, inode) so an unchanged tree is not read again.
+//! - `POST /data/v1/runs/RUN/chunks`: `{"ids": [...], "compress": bool}` ->
+//!   frames of `[32-byte id][codec: 0 raw, 1 zstd][u32 LE length][bytes]`.
+//!   Every chunk is read again from its file and checked against its id: a
+//!   file that changed since the manifest is refused, never sent torn.
+//! - `POST /data/v1/runs/RUN/published`: the destination says which files
+//!   the snapshot it published holds; backups among them may now be pruned
+//!   by local retention.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use dicops_config::CommandConfig;
+use dicops_net::server::Peer;
+use dicops_proto::{ApiError, Identity, ManifestHeader, ServeGrant};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::{Deserialize, Serialize};
+
+use super::chunks::{self, ChunkCache, ChunkReadError};
+use crate::backup::Backups;
+use crate::report::now_unix;
+
+/// Chunks per request, and their bytes: bounds each answer.
+pub const MAX_CHUNKS_PER_REQUEST: usize = 256;
+pub const MAX_BYTES_PER_REQUEST: u64 = 16 << 20;
+/// A chunk is sent compressed only when that saves at least this share.
+const COMPRESSION_MIN_SAVING: f64 = 0.05;
+
+pub const CODEC_RAW: u8 = 0;
+pub const CODEC_ZSTD: u8 = 1;
+
+/// A chunk request.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ChunkRequest {
+    pub ids: Vec<String>,
+    pub compress: bool,
+}
+
+/// A file the destination published: path in the export, and content.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PublishedFile {
+    pub path: String,
+    pub blake3: String,
+}
+
+/// Where each chunk of a served run lives.
+struct RunIndex {
+    root: PathBuf,
+    paths: Vec<String>,
+    /// chunk id -> (index into paths, offset, length)
+    chunks: HashMap<String, (u32, u64, u32)>,
+}
+
+pub struct Source {
+    agent_id: String,
+    exports: BTreeMap<String, PathBuf>,
+    cache_dir: PathBuf,
+    /// Backup commands' output folders, to mark what reached the other site.
+    outputs: Vec<(String, PathBuf)>,
+    backups: Arc<Backups>,
+    grants: Mutex<HashMap<i64, ServeGrant>>,
+    runs: Mutex<HashMap<i64, Arc<RunIndex>>>,
+}
+
+fn error(status: StatusCode, reason: &str, message: String) -> Response<Full<Bytes>> {
+    tracing::warn!(reason, %message, "data request refused");
+    let body = serde_json::to_vec(&ApiError {
+        reason: reason.to_string(),
+        error: message,
+    })
+    .unwrap_or_default();
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+}
+
+fn ok(body: Vec<u8>) -> Response<Full<Bytes>> {
+    Response::new(Full::new(Bytes::from(body)))
+}
+
+impl Source {
+    pub fn new(
+        agent_id: &str,
+        state_dir: &Path,
+        exports: &BTreeMap<String, PathBuf>,
+        commands: &BTreeMap<String, CommandConfig>,
+        backups: Arc<Backups>,
+    ) -> Source {
+        Source {
+            agent_id: agent_id.to_string(),
+            exports: exports.clone(),
+            cache_dir: state_dir.join("replication"),
+            outputs: commands
+                .iter()
+                .filter_map(|(name, c)| Some((name.clone(), c.output.as_ref()?.dir.clone())))
+                .collect(),
+            backups,
+            grants: Mutex::new(HashMap::new()),
+            runs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A grant from the controller. Expired grants and their indexes go.
+    pub fn grant(&self, grant: ServeGrant) {
+        let now = now_unix();
+        let mut grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
+        grants.retain(|_, g| g.expires_at > now);
+        let live: Vec<i64> = grants.keys().copied().collect();
+        self.runs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id, _| live.contains(id) || *id == grant.run_id);
+        tracing::info!(run = grant.run_id, job = %grant.job, export = %grant.export, peer = %grant.peer, "serving a replication run");
+        grants.insert(grant.run_id, grant);
+    }
+
+    /// Routes one request of a peer.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: Peer) -> Response<Full<Bytes>> {
+        let path = req.uri().path().to_string();
+        let Some((run, action)) = path
+            .strip_prefix("/data/v1/runs/")
+            .and_then(|rest| rest.split_once('/'))
+            .and_then(|(run, action)| Some((run.parse::<i64>().ok()?, action.to_string())))
+        else {
+            return error(StatusCode::NOT_FOUND, "not_found", format!("no such endpoint: {path}"));
+        };
+        let grant = match self.authorize(run, &peer) {
+            Ok(grant) => grant,
+            Err(refusal) => return refusal,
+        };
+        match (req.method().clone(), action.as_str()) {
+            (Method::GET, "manifest") => self.manifest(grant).await,
+            (Method::POST, "chunks") => match read_body::<ChunkRequest>(req).await {
+                Ok(request) => self.chunks(run, request).await,
+                Err(refusal) => refusal,
+            },
+            (Method::POST, "published") => match read_body::<Vec<PublishedFile>>(req).await {
+                Ok(files) => self.published(&grant, files).await,
+                Err(refusal) => refusal,
+            },
+            _ => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no such endpoint: {} {path}", req.method()),
+            ),
+        }
+    }
+
+    /// Only the granted peer, only while the grant lasts.
+    #[allow(clippy::result_large_err)]
+    fn authorize(&self, run: i64, peer: &Peer) -> Result<ServeGrant, Response<Full<Bytes>>> {
+        let grant = self.grants.lock().unwrap_or_else(|p| p.into_inner()).get(&run).cloned();
+        let Some(grant) = grant else {
+            return Err(error(
+                StatusCode::NOT_FOUND,
+                "no_grant",
+                format!(
+                    "agent {} holds no grant for run {run} (not yet, or no more)",
+                    self.agent_id
+                ),
+            ));
+        };
+        let expected = Identity::Agent(grant.peer.clone());
+        if peer.identity.as_ref() != Some(&expected) {
+            let who = peer
+                .identity
+                .as_ref()
+                .map_or("anonymous".to_string(), |i| i.to_string());
+            return Err(error(
+                StatusCode::FORBIDDEN,
+                "wrong_peer",
+                format!("run {run} is granted to {expected}, not to {who}"),
+            ));
+        }
+        if grant.expires_at <= now_unix() {
+            return Err(error(
+                StatusCode::GONE,
+                "grant_expired",
+                format!("the grant for run {run} has expired"),
+            ));
+        }
+        Ok(grant)
+    }
+
+    async fn manifest(self: Arc<Self>, grant: ServeGrant) -> Response<Full<Bytes>> {
+        let Some(root) = self.exports.get(&grant.export).cloned() else {
+            return error(
+                StatusCode::FORBIDDEN,
+                "unknown_export",
+                format!(
+                    "export {:?} is not in the `exports:` of agent {}: it serves only the folders its own config names",
+                    grant.export, self.agent_id
+                ),
+            );
+        };
+        let me = self.clone();
+        let built = tokio::task::spawn_blocking(move || me.build_manifest(&grant, &root))
+            .await
+            .unwrap_or_else(|e| Err(format!("internal error: {e}")));
+        match built {
+            Ok(body) => ok(body),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "source_read", e),
+        }
+    }
+
+    fn build_manifest(&self, grant: &ServeGrant, root: &Path) -> Result<Vec<u8>, String> {
+        let cache_file = self.cache_dir.join(format!("chunks-{}.cache", grant.export));
+        let mut cache = ChunkCache::load(&cache_file);
+        let header = ManifestHeader {
+            version: 1,
+            job: grant.job.clone(),
+            run_id: grant.run_id,
+            source_agent: self.agent_id.clone(),
+            export: grant.export.clone(),
+            taken_at: now_unix(),
+        };
+        let mut body = serde_json::to_vec(&header).map_err(|e| e.to_string())?;
+        body.push(b'\n');
+        let mut index = RunIndex {
+            root: root.to_path_buf(),
+            paths: Vec::new(),
+            chunks: HashMap::new(),
+        };
+        let stats = chunks::walk(root, &mut cache, |entry| {
+            let file = index.paths.len() as u32;
+            for (offset, chunk) in chunks::chunk_offsets(&entry) {
+                index
+                    .chunks
+                    .entry(chunk.id.clone())
+                    .or_insert((file, offset, chunk.len));
+            }
+            index.paths.push(entry.path.clone());
+            serde_json::to_writer(&mut body, &entry).map_err(|e| e.to_string())?;
+            body.push(b'\n');
+            Ok(())
+        })?;
+        std::fs::create_dir_all(&self.cache_dir)
+            .map_err(|e| format!("cannot create {}: {e}", self.cache_dir.display()))?;
+        if let Err(e) = cache.save(&cache_file) {
+            tracing::warn!(error = %e, "cannot save the chunk cache; the next run reads the tree again");
+        }
+        tracing::info!(
+            run = grant.run_id,
+            files = stats.files,
+            bytes = stats.bytes,
+            read = stats.bytes_read,
+            cache_hits = stats.cache_hits,
+            "manifest built"
+        );
+        self.runs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(grant.run_id, Arc::new(index));
+        Ok(body)
+    }
+
+    async fn chunks(self: Arc<Self>, run: i64, request: ChunkRequest) -> Response<Full<Bytes>> {
+        if request.ids.len() > MAX_CHUNKS_PER_REQUEST {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_many_chunks",
+                format!("at most {MAX_CHUNKS_PER_REQUEST} chunks per request"),
+            );
+        }
+        let index = self.runs.lock().unwrap_or_else(|p| p.into_inner()).get(&run).cloned();
+        let Some(index) = index else {
+            return error(
+                StatusCode::CONFLICT,
+                "no_manifest",
+                format!("ask for the manifest of run {run} before its chunks"),
+            );
+        };
+        let answer = tokio::task::spawn_blocking(move || frames(&index, &request))
+            .await
+            .unwrap_or_else(|e| Err((StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())));
+        match answer {
+            Ok(body) => ok(body),
+            Err((status, reason, message)) => error(status, reason, message),
+        }
+    }
+
+    async fn published(self: Arc<Self>, grant: &ServeGrant, files: Vec<PublishedFile>) -> Response<Full<Bytes>> {
+        let Some(root) = self.exports.get(&grant.export).cloned() else {
+            return error(
+                StatusCode::FORBIDDEN,
+                "unknown_export",
+                format!("unknown export {:?}", grant.export),
+            );
+        };
+        let me = self.clone();
+        let marked = tokio::task::spawn_blocking(move || me.mark_replicated(&root, &files))
+            .await
+            .unwrap_or(0);
+        tracing::info!(run = grant.run_id, marked, "the other site holds this run's files");
+        ok(serde_json::to_vec(&serde_json::json!({ "marked": marked })).unwrap_or_default())
+    }
+
+    /// Files of backup output folders under the export are now in the
+    /// other site: local retention may delete them when their time comes.
+    fn mark_replicated(&self, root: &Path, files: &[PublishedFile]) -> usize {
+        let mut marked = 0;
+        for (command, output) in &self.outputs {
+            let Ok(prefix) = output.strip_prefix(root) else {
+                continue;
+            };
+            let prefix = prefix.to_string_lossy();
+            for file in files {
+                let rel = if prefix.is_empty() {
+                    Some(file.path.as_str())
+                } else {
+                    file.path
+                        .strip_prefix(prefix.as_ref())
+                        .and_then(|rest| rest.strip_prefix('/'))
+                };
+                if let Some(rel) = rel {
+                    match self.backups.mark_replicated(command, rel, &file.blake3) {
+                        Ok(n) => marked += n,
+                        Err(e) => tracing::error!(%command, error = %e, "cannot mark a backup as replicated"),
+                    }
+                }
+            }
+        }
+        marked
+    }
+}
+
+type Refusal = (StatusCode, &'static str, String);
+
+/// The requested chunks, each read again and checked, compressed where
+/// that pays.
+fn frames(index: &RunIndex, request: &ChunkRequest) -> Result<Vec<u8>, Refusal> {
+    let mut body = Vec::new();
+    let mut total = 0u64;
+    for id in &request.ids {
+        let Some(&(file, offset, len)) = index.chunks.get(id) else {
+            return Err((
+                StatusCode::NOT_FOUND,
+                "unknown_chunk",
+                format!("chunk {id} is not in this run's manifest"),
+            ));
+        };
+        total += u64::from(len);
+        if total > MAX_BYTES_PER_REQUEST {
+            return Err((
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_many_bytes",
+                format!("at most {MAX_BYTES_PER_REQUEST} bytes of chunks per request"),
+            ));
+        }
+        let path = &index.paths[file as usize];
+        let bytes = match chunks::read_chunk(&index.root, path, offset, len, id) {
+            Ok(bytes) => bytes,
+            Err(ChunkReadError::Changed) => {
+                return Err((
+                    StatusCode::CONFLICT,
+                    "source_changed",
+                    format!("{path} changed since the manifest was taken: the run must start again"),
+                ))
+            }
+            Err(e) => return Err((StatusCode::INTERNAL_SERVER_ERROR, "source_read", e.to_string())),
+        };
+        let raw_id = decode_hex32(id).ok_or((StatusCode::BAD_REQUEST, "bad_id", format!("{id} is not a chunk id")))?;
+        let compressed = request
+            .compress
+            .then(|| zstd::bulk::compress(&bytes, 3).ok())
+            .flatten()
+            .filter(|c| (c.len() as f64) < bytes.len() as f64 * (1.0 - COMPRESSION_MIN_SAVING));
+        let (codec, payload) = match &compressed {
+            Some(c) => (CODEC_ZSTD, c.as_slice()),
+            None => (CODEC_RAW, bytes.as_slice()),
+        };
+        body.extend_from_slice(&raw_id);
+        body.push(codec);
+        body.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        body.extend_from_slice(payload);
+    }
+    Ok(body)
+}
+
+pub fn decode_hex32(hex: &str) -> Option<[u8; 32]> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+pub fn encode_hex32(raw: &[u8; 32]) -> String {
+    raw.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+async fn read_body<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Response<Full<Bytes>>> {
+    let mut body = req.into_body();
+    let bytes = dicops_net::body::read_limited(&mut body, 4 << 20)
+        .await
+        .map_err(|e| error(StatusCode::BAD_REQUEST, "malformed", e.to_string()))?;
+    serde_json::from_slice(&bytes).map_err(|e| error(StatusCode::BAD_REQUEST, "malformed", e.to_string()))
+}
+
+/// Listens on the data port until `shutdown`.
+pub async fn serve(
+    source: Arc<Source>,
+    listener: tokio::net::TcpListener,
+    tls: Arc<dicops_net::TlsReloader>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let (tcp, addr) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!(error = %e, "data port accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
+        let source = source.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let (tls, peer) = match dicops_net::server::accept(&acceptor, tcp, addr).await {
+                Ok(accepted) => accepted,
+                Err((reason, error)) => {
+                    tracing::warn!(peer = %addr, reason, %error, "data port: TLS handshake failed");
+                    return;
+                }
+            };
+            let handler = move |req: Request<Incoming>, peer: Peer| source.clone().handle(req, peer);
+            dicops_net::server::serve_http1(tls, peer, handler, shutdown).await;
+        });
+    }
+}
