@@ -119,7 +119,10 @@ fn snapshots_are_published_whole_and_later_runs_send_only_what_changed() {
     assert!(wire_first >= 2 << 20, "the first run sends everything: {wire_first}");
     let snapshot_file = latest.join("2026-11-27/db.dump");
     assert!(
-        std::fs::metadata(&snapshot_file).expect("meta").permissions().readonly(),
+        std::fs::metadata(&snapshot_file)
+            .expect("meta")
+            .permissions()
+            .readonly(),
         "snapshots are read only"
     );
 
@@ -254,4 +257,58 @@ fn agents_refuse_what_their_own_config_does_not_allow() {
     assert_eq!(done.status, "succeeded", "{done:?}");
     let took = done.finished_at.expect("end") - done.started_at.expect("start");
     assert!(took >= 10.0, "3 MiB at 256 KiB/s took {took} s");
+}
+
+#[test]
+fn a_stalled_transfer_is_aborted_and_its_retry_resumes_without_resending() {
+    let s = sites(
+        "  - {name: stalls, source: {agent: db01, export: dumps}, destination: {agent: backup01, root: replicas}, bandwidth: 512KiB/s, stall_timeout: 5s, retries: 1, retry_backoff: 4s}\n",
+    );
+    write(&s.source.join("db.dump"), &noise(4 << 20, 11));
+    let d = &s.d;
+    let _controller = d.start_controller();
+    let db01 = d.start_agent("db01");
+    let _backup01 = d.start_agent("backup01");
+    d.wait_agents_up(&["db01", "backup01"], Duration::from_secs(20));
+    let (code, _, _) = d.cli(&["run", "stalls"]);
+    assert_eq!(code, 0);
+    let id = wait_until(Duration::from_secs(10), "run started", || {
+        d.runs("stalls").first().map(|r| r.id)
+    });
+    let first = wait_until(Duration::from_secs(20), "a megabyte moved", || {
+        let r = d.run(id);
+        (r.progress.as_ref().and_then(|p| p.bytes).unwrap_or(0) >= 1 << 20).then_some(r)
+    });
+    // The source freezes (a hung process, a dead link that never resets).
+    db01.signal("STOP");
+    let failed = wait_until(Duration::from_secs(30), "stall detected", || {
+        let r = d.run(first.id);
+        (r.status != "running").then_some(r)
+    });
+    db01.signal("CONT");
+    assert_eq!(failed.status, "failed");
+    assert!(
+        failed
+            .error
+            .clone()
+            .unwrap_or_default()
+            .contains("no data moved for 5 s (stall_timeout)"),
+        "{failed:?}"
+    );
+    assert!(
+        !s.replicas.join("stalls/latest").exists(),
+        "nothing published by the stalled run"
+    );
+    let retry = wait_until(Duration::from_secs(60), "the retry succeeds", || {
+        d.runs("stalls")
+            .into_iter()
+            .find(|r| r.trigger == "retry" && r.status == "succeeded")
+    });
+    let latest = std::fs::canonicalize(s.replicas.join("stalls/latest")).expect("published");
+    assert_eq!(tree(&latest), tree(&s.source));
+    let resent = retry.bytes.expect("bytes");
+    assert!(
+        resent <= (3 << 20) + (512 << 10),
+        "the chunks verified before the stall are not sent again: the retry sent {resent} of 4 MiB"
+    );
 }

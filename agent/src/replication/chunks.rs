@@ -1348,23 +1348,4 @@ mod tests {
             assert_eq!(is_safe_relative_path(path), safe, "{path:?}");
         }
     }
-
-    /// `cargo test --release -p dicops-agent chunking_throughput -- --ignored --nocapture`
-    #[test]
-    #[ignore = "a measurement, not a check"]
-    fn chunking_throughput() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("big");
-        fs::write(&path, pseudo_random(64 << 20, 1)).expect("write");
-        let _ = chunk_file(&path).expect("warm-up");
-        let started = std::time::Instant::now();
-        let chunks = chunk_file(&path).expect("chunk");
-        let secs = started.elapsed().as_secs_f64();
-        println!(
-            "64 MiB in {} chunks: {:.3} s, {:.0} MiB/s",
-            chunks.chunks.len(),
-            secs,
-            64.0 / secs
-        );
-    }
 }

@@ -17,8 +17,11 @@ use tokio_util::sync::CancellationToken;
 use super::serve::{encode_hex32, ChunkRequest, PublishedFile, CODEC_RAW, CODEC_ZSTD};
 use super::snapshot::JobStore;
 
-/// Bytes of chunks asked for in one request (the source allows 16 MiB).
+/// Bytes of chunks asked for in one request (the source allows 16 MiB);
+/// under a bandwidth limit, about half a second's worth, so that the rate
+/// stays smooth and an interrupted request loses little.
 const BATCH_BYTES: u64 = 8 << 20;
+const MIN_BATCH_BYTES: u64 = 256 << 10;
 const BATCH_CHUNKS: usize = 256;
 /// How long to wait for the source to receive its grant.
 const GRANT_WAIT: Duration = Duration::from_secs(30);
@@ -131,7 +134,10 @@ impl Puller {
         let mut fetched = 0u64;
         let mut on_wire = 0u64;
         let transfer_started = Instant::now();
-        for batch in batches(&plan.missing) {
+        let batch_bytes = pull
+            .bandwidth
+            .map_or(BATCH_BYTES, |rate| (rate / 2).clamp(MIN_BATCH_BYTES, BATCH_BYTES));
+        for batch in batches(&plan.missing, batch_bytes) {
             if cancel.is_cancelled() {
                 return Err("the run was cancelled (max_runtime passed, or the agent is stopping)".into());
             }
@@ -256,12 +262,12 @@ fn describe(source: &str, error: &ClientError, stall: Duration) -> String {
 }
 
 /// Splits the missing chunks into requests the source accepts.
-fn batches(missing: &[ChunkRef]) -> Vec<&[ChunkRef]> {
+fn batches(missing: &[ChunkRef], max_bytes: u64) -> Vec<&[ChunkRef]> {
     let mut out = Vec::new();
     let mut start = 0;
     let mut bytes = 0u64;
     for (i, chunk) in missing.iter().enumerate() {
-        if i > start && (i - start >= BATCH_CHUNKS || bytes + u64::from(chunk.len) > BATCH_BYTES) {
+        if i > start && (i - start >= BATCH_CHUNKS || bytes + u64::from(chunk.len) > max_bytes) {
             out.push(&missing[start..i]);
             start = i;
             bytes = 0;
@@ -354,5 +360,66 @@ fn verify(dir: &Path, entries: &[ManifestEntry]) -> Result<(), String> {
             dir.display(),
             bad.iter().take(10).cloned().collect::<Vec<_>>().join(", ")
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(len: u32) -> ChunkRef {
+        ChunkRef {
+            id: format!("{len:064x}"),
+            len,
+        }
+    }
+
+    #[test]
+    fn batches_stay_within_the_source_limits() {
+        let missing: Vec<ChunkRef> = (0..600).map(|_| chunk(64 << 10)).collect();
+        let big = batches(&missing, BATCH_BYTES);
+        assert!(big
+            .iter()
+            .all(|b| b.len() <= BATCH_CHUNKS && b.iter().map(|c| u64::from(c.len)).sum::<u64>() <= BATCH_BYTES));
+        assert_eq!(big.iter().map(|b| b.len()).sum::<usize>(), 600);
+        let small = batches(&missing, 256 << 10);
+        assert!(
+            small.iter().all(|b| b.len() == 4),
+            "four 64 KiB chunks per 256 KiB request"
+        );
+        assert!(batches(&[], BATCH_BYTES).is_empty());
+    }
+
+    #[test]
+    fn frames_must_answer_exactly_what_was_asked() {
+        let data = b"hello chunk".to_vec();
+        let id = blake3::hash(&data).to_hex().to_string();
+        let asked = vec![ChunkRef {
+            id: id.clone(),
+            len: data.len() as u32,
+        }];
+        let mut raw = [0u8; 32];
+        raw.copy_from_slice(blake3::hash(&data).as_bytes());
+        let mut body = raw.to_vec();
+        body.push(CODEC_RAW);
+        body.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        body.extend_from_slice(&data);
+        assert_eq!(parse_frames(&body, &asked).expect("frames"), vec![(id, data.clone())]);
+        assert!(parse_frames(&body[..body.len() - 1], &asked)
+            .unwrap_err()
+            .contains("truncated"));
+        assert!(parse_frames(&[], &asked).unwrap_err().contains("did not send chunk"));
+        let other = vec![chunk(3)];
+        assert!(parse_frames(&body, &other).unwrap_err().contains("not asked for"));
+        // A zstd frame that claims to inflate beyond the chunk's length.
+        let bomb = zstd::bulk::compress(&vec![0u8; 1 << 20], 3).expect("compress");
+        let mut body = raw.to_vec();
+        body.push(CODEC_ZSTD);
+        body.extend_from_slice(&(bomb.len() as u32).to_le_bytes());
+        body.extend_from_slice(&bomb);
+        assert!(
+            parse_frames(&body, &asked).is_err(),
+            "decompression is bounded by the announced length"
+        );
     }
 }
