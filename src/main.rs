@@ -35,6 +35,8 @@ enum Command {
     Jobs(cli::jobs::CliArgs),
     /// Every backup of both sites against its max_age, stale first (exit 1 if any is stale).
     Backups(cli::jobs::CliArgs),
+    /// What each replication's source site holds that the other site does not (exit 1 if a job is beyond max_lag).
+    Audit(cli::jobs::CliArgs),
     /// Run a job now (`--follow` to watch it to the end).
     Run(cli::jobs::RunArgs),
     /// Stop a job's schedule from firing until resumed.
@@ -74,6 +76,7 @@ fn main() -> ExitCode {
         Command::Demo(a) => cli::block_on(cli::demo::run(a)),
         Command::Jobs(a) => cli::block_on(cli::jobs::list(a)),
         Command::Backups(a) => cli::block_on(cli::jobs::backups(a)),
+        Command::Audit(a) => cli::block_on(cli::jobs::audit(a)),
         Command::Run(a) => cli::block_on(cli::jobs::run(a)),
         Command::Pause(a) => cli::block_on(cli::jobs::pause(a, true)),
         Command::Resume(a) => cli::block_on(cli::jobs::pause(a, false)),

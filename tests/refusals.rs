@@ -27,6 +27,7 @@ fn report(agent: &str, seq: u64) -> Vec<u8> {
         report_failures: Default::default(),
         backups: Vec::new(),
         data_url: None,
+        exports: Vec::new(),
         certificate_expiry_timestamp_seconds: None,
     })
     .expect("json")

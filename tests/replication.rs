@@ -188,6 +188,27 @@ fn snapshots_are_published_whole_and_later_runs_send_only_what_changed() {
         Some(3.0)
     );
     promtool_check_metrics(&metrics);
+
+    // The cross-site audit: what the source site holds that the other
+    // site does not.
+    let audited = |files: f64| {
+        wait_until(Duration::from_secs(15), "the source's audit", || {
+            let m = d.metrics();
+            (sample(&m, "dicops_replication_unreplicated_files", &l) == Some(files)).then_some(m)
+        })
+    };
+    audited(0.0);
+    let (code, out, _) = d.cli(&["audit"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("dumps-to-dc2") && out.contains("nothing"), "{out}");
+    write(&s.source.join("2026-11-29/db.dump"), &noise(300_000, 9));
+    let metrics = audited(1.0);
+    assert_eq!(
+        sample(&metrics, "dicops_replication_unreplicated_bytes", &l),
+        Some(300_000.0)
+    );
+    let (_, out, _) = d.cli(&["audit"]);
+    assert!(out.contains("1 file(s), 293.0 KiB"), "{out}");
 }
 
 #[test]

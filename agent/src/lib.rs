@@ -153,6 +153,11 @@ pub fn start(config: AgentConfig, shutdown: CancellationToken) -> Result<Running
             backups.clone(),
         ))
     });
+    if let Some(source) = &source {
+        source
+            .start_auditor(config.collect.backups_interval)
+            .map_err(StartError::Thread)?;
+    }
     let mut data_port = None;
     if let (Some(data), Some(source)) = (&config.data, &source) {
         let listener = std::net::TcpListener::bind(data.listen)
@@ -215,6 +220,7 @@ pub fn start(config: AgentConfig, shutdown: CancellationToken) -> Result<Running
         tls,
         backups,
         data_url: config.data.as_ref().map(|d| d.url.clone()),
+        source: source.clone(),
         backoff: Backoff {
             max: Duration::from_secs(60)
                 .min(config.collect.interval * 4)

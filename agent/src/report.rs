@@ -29,6 +29,8 @@ pub struct Reporter {
     pub backups: Arc<crate::backup::Backups>,
     /// The data port this agent serves replication pulls on, if any.
     pub data_url: Option<String>,
+    /// Its exports, audited against what the other site holds.
+    pub source: Option<Arc<crate::replication::serve::Source>>,
     pub backoff: Backoff,
 }
 
@@ -93,6 +95,7 @@ impl Reporter {
                     report_failures: failures,
                     backups: self.backups.latest(),
                     data_url: self.data_url.clone(),
+                    exports: self.source.as_ref().map(|s| s.latest_audit()).unwrap_or_default(),
                     certificate_expiry_timestamp_seconds: Some(self.tls.not_after()),
                 };
                 match self.send(&report).await {

@@ -115,6 +115,7 @@ enum Route {
     Run(i64),
     Reload,
     Backups,
+    Audit,
     Progress,
     Other,
 }
@@ -140,6 +141,7 @@ impl Route {
             dicops_proto::JOBS_PATH => return Route::Jobs,
             dicops_proto::RELOAD_PATH => return Route::Reload,
             dicops_proto::BACKUPS_PATH => return Route::Backups,
+            dicops_proto::AUDIT_PATH => return Route::Audit,
             dicops_proto::PROGRESS_PATH => return Route::Progress,
             _ => {}
         }
@@ -187,6 +189,7 @@ impl Route {
             Route::Run(_) => "run",
             Route::Reload => "reload",
             Route::Backups => "backups",
+            Route::Audit => "audit",
             Route::Progress => "progress",
             Route::Other => "other",
         }
@@ -265,6 +268,10 @@ pub async fn route(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> (&'s
         Route::Results => results(req, peer, shared).await,
         Route::Progress => progress(req, peer, shared).await,
         Route::Backups => json(StatusCode::OK, &crate::backups_view(shared)),
+        Route::Audit => json(
+            StatusCode::OK,
+            &crate::audit_view(shared, &shared.scheduler.job_metrics()),
+        ),
         Route::Jobs => match shared.scheduler.jobs() {
             Ok(jobs) => json(StatusCode::OK, &jobs),
             Err(e) => internal(shared, handler, peer, e),

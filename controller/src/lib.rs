@@ -62,7 +62,9 @@ pub fn render_metrics(shared: &Shared) -> Vec<u8> {
     shared.state.render(now_unix(), &own, &mut text);
     render_jobs(shared, &mut text);
     backups::render(&backups_view(shared), &mut text);
-    replications::render(&shared.scheduler.job_metrics(), now_unix(), &mut text);
+    let jobs = shared.scheduler.job_metrics();
+    replications::render(&jobs, now_unix(), &mut text);
+    replications::render_audit(&audit_view(shared, &jobs), &mut text);
     let mut out = text.into_bytes();
     shared.metrics.encode_registry(&mut out);
     shared
@@ -77,6 +79,12 @@ pub(crate) fn backups_view(shared: &Shared) -> Vec<dicops_proto::BackupStatus> {
     backups::view(&shared.state.config(), &shared.scheduler.job_metrics(), |agent| {
         shared.state.agent(agent, now)
     })
+}
+
+/// The cross-site audit of every replication job, as of now.
+pub(crate) fn audit_view(shared: &Shared, jobs: &[scheduler::JobMetrics]) -> Vec<dicops_proto::ReplicationAudit> {
+    let now = now_unix();
+    replications::audit(jobs, |agent| shared.state.agent(agent, now))
 }
 
 fn render_jobs(shared: &Shared, out: &mut String) {

@@ -134,6 +134,9 @@ defs! {
     REPLICATION_FILES = "dicops_replication_files_total", Counter, "Files in the snapshots the replication job published.";
     REPLICATION_RUNS = "dicops_replication_runs_total", Counter, "Replication runs ended, by result (succeeded, failed, timed_out, interrupted).";
     SNAPSHOTS = "dicops_snapshots", Gauge, "Snapshots of the replication job at the destination after its last successful run's retention. (Not dicops_snapshot_count: promtool refuses a _count suffix outside histograms and summaries.)";
+    REPLICATION_UNREPLICATED_FILES = "dicops_replication_unreplicated_files", Gauge, "Files of the source's export that the newest snapshot in the other site does not hold (new or changed since), as the source audited them.";
+    REPLICATION_UNREPLICATED_BYTES = "dicops_replication_unreplicated_bytes", Gauge, "Bytes of the source's export that are only in the source site.";
+    REPLICATION_OLDEST_UNREPLICATED = "dicops_replication_oldest_unreplicated_timestamp_seconds", Gauge, "Modification time of the oldest file of the export that is only in the source site; absent when everything is in the other site.";
     SNAPSHOT_LAST_SIZE = "dicops_snapshot_last_size_bytes", Gauge, "Size of the newest published snapshot of the replication job.";
 }
 

@@ -154,6 +154,7 @@ pub struct JobMetrics {
     pub last_replication: Option<ReplicationStats>,
     pub bytes_remaining: Option<u64>,
     pub source: Option<(String, String)>,
+    pub export: Option<String>,
 }
 
 /// The task a job's run sends, and the pair of sites whose slot it takes:
@@ -1053,6 +1054,10 @@ impl Scheduler {
                             inner.config.site_of(&spec.source_agent).unwrap_or_default().to_string(),
                             spec.source_agent.clone(),
                         )),
+                        _ => None,
+                    },
+                    export: match &e.config.kind {
+                        JobKind::Replication(spec) => Some(spec.export.clone()),
                         _ => None,
                     },
                 }

@@ -445,3 +445,61 @@ pub fn plan(args: PlanArgs) -> anyhow::Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// What each replication job's source holds that the other site does not.
+pub async fn audit(args: CliArgs) -> anyhow::Result<ExitCode> {
+    let mut api = Api::from_file(&args.config)?;
+    let audits: Vec<dicops_proto::ReplicationAudit> = api.get(dicops_proto::AUDIT_PATH).await?;
+    let now = now();
+    let lag = |a: &dicops_proto::ReplicationAudit| a.source_state_at.map(|at| now - at);
+    let behind = |a: &dicops_proto::ReplicationAudit| match (lag(a), a.max_lag_seconds) {
+        (Some(lag), Some(max)) => lag > max,
+        (None, Some(_)) => true,
+        _ => false,
+    };
+    let late = audits.iter().filter(|a| behind(a)).count();
+    if args.json {
+        print_json(&audits)?;
+    } else {
+        println!(
+            "{:<24} {:<22} {:<14} {:>8} {:>8}  {:<30} NOTES",
+            "JOB", "FROM", "TO", "LAG", "MAX LAG", "ONLY IN THE SOURCE SITE"
+        );
+        for a in &audits {
+            let only = match &a.audit {
+                Some(x) if x.unreplicated_files == 0 => "nothing".to_string(),
+                Some(x) => format!(
+                    "{} file(s), {}{}",
+                    x.unreplicated_files,
+                    format_bytes(x.unreplicated_bytes),
+                    x.oldest_unreplicated_at
+                        .map(|at| format!(", oldest {}", human_age(now - at)))
+                        .unwrap_or_default()
+                ),
+                None => "unknown".to_string(),
+            };
+            let mut notes = Vec::new();
+            if behind(a) {
+                notes.push("LAGGING".to_string());
+            }
+            if let Some(snapshot) = &a.snapshot {
+                notes.push(format!("snapshot {snapshot}"));
+            }
+            if let Some(problem) = &a.problem {
+                notes.push(problem.clone());
+            }
+            println!(
+                "{:<24} {:<22} {:<14} {:>8} {:>8}  {:<30} {}",
+                a.job,
+                format!("{}/{}:{}", a.source_site, a.source_agent, a.export),
+                format!("{}/{}", a.site, a.agent),
+                lag(a).map_or_else(|| "never".to_string(), human_age),
+                a.max_lag_seconds.map_or_else(|| "-".to_string(), human_age),
+                only,
+                notes.join("; ")
+            );
+        }
+        println!("{} replication job(s), {late} beyond max_lag", audits.len());
+    }
+    Ok(if late > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use dicops_config::CommandConfig;
 use dicops_net::server::Peer;
-use dicops_proto::{ApiError, Identity, ManifestHeader, ServeGrant};
+use dicops_proto::{ApiError, ExportAudit, Identity, ManifestHeader, ServeGrant};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
@@ -53,8 +53,12 @@ pub struct PublishedFile {
 
 /// Where each chunk of a served run lives.
 struct RunIndex {
+    run_id: i64,
     root: PathBuf,
+    export: String,
     paths: Vec<String>,
+    /// (size, mtime_ns) of each file, for the audit once published.
+    stats: Vec<(u64, i64)>,
     /// chunk id -> (index into paths, offset, length)
     chunks: HashMap<String, (u32, u64, u32)>,
 }
@@ -68,6 +72,7 @@ pub struct Source {
     backups: Arc<Backups>,
     grants: Mutex<HashMap<i64, ServeGrant>>,
     runs: Mutex<HashMap<i64, Arc<RunIndex>>>,
+    latest_audit: Mutex<Vec<ExportAudit>>,
 }
 
 fn error(status: StatusCode, reason: &str, message: String) -> Response<Full<Bytes>> {
@@ -105,7 +110,27 @@ impl Source {
             backups,
             grants: Mutex::new(HashMap::new()),
             runs: Mutex::new(HashMap::new()),
+            latest_audit: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The last audit, for reports.
+    pub fn latest_audit(&self) -> Vec<ExportAudit> {
+        self.latest_audit.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Audits every `interval` on a thread of its own (a walk of the
+    /// exports' metadata; a hung mount stalls only this thread).
+    pub fn start_auditor(self: &Arc<Self>, interval: std::time::Duration) -> std::io::Result<()> {
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("export-auditor".into())
+            .spawn(move || loop {
+                let audit = me.audit();
+                *me.latest_audit.lock().unwrap_or_else(|p| p.into_inner()) = audit;
+                std::thread::sleep(interval);
+            })
+            .map(|_| ())
     }
 
     /// A grant from the controller. Expired grants and their indexes go.
@@ -225,8 +250,11 @@ impl Source {
         let mut body = serde_json::to_vec(&header).map_err(|e| e.to_string())?;
         body.push(b'\n');
         let mut index = RunIndex {
+            run_id: grant.run_id,
             root: root.to_path_buf(),
+            export: grant.export.clone(),
             paths: Vec::new(),
+            stats: Vec::new(),
             chunks: HashMap::new(),
         };
         let stats = chunks::walk(root, &mut cache, |entry| {
@@ -238,6 +266,7 @@ impl Source {
                     .or_insert((file, offset, chunk.len));
             }
             index.paths.push(entry.path.clone());
+            index.stats.push((entry.size, entry.mtime_ns));
             serde_json::to_writer(&mut body, &entry).map_err(|e| e.to_string())?;
             body.push(b'\n');
             Ok(())
@@ -295,12 +324,75 @@ impl Source {
                 format!("unknown export {:?}", grant.export),
             );
         };
+        let index = self
+            .runs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&grant.run_id)
+            .cloned();
         let me = self.clone();
-        let marked = tokio::task::spawn_blocking(move || me.mark_replicated(&root, &files))
-            .await
-            .unwrap_or(0);
+        let job = grant.job.clone();
+        let marked = tokio::task::spawn_blocking(move || {
+            if let Some(index) = index {
+                me.remember_published(&job, &index, &files);
+            }
+            me.mark_replicated(&root, &files)
+        })
+        .await
+        .unwrap_or(0);
         tracing::info!(run = grant.run_id, marked, "the other site holds this run's files");
         ok(serde_json::to_vec(&serde_json::json!({ "marked": marked })).unwrap_or_default())
+    }
+
+    /// Remembers which (path, size, mtime) the other site holds for `job`,
+    /// for the audit. Messages come in parts: a part names files of the
+    /// run's manifest, so the set grows until the run's last part.
+    fn remember_published(&self, job: &str, index: &RunIndex, files: &[PublishedFile]) {
+        let path = self.cache_dir.join(format!("published-{}-{job}.tsv", index.export));
+        let positions: HashMap<&str, usize> = index.paths.iter().enumerate().map(|(i, p)| (p.as_str(), i)).collect();
+        let mut set = load_published(&path).unwrap_or_default();
+        // A new run replaces the set of the previous one.
+        if set.run_id != Some(index.run_id) {
+            set = PublishedSet {
+                run_id: Some(index.run_id),
+                at: now_unix(),
+                files: HashMap::new(),
+            };
+        }
+        for file in files {
+            if let Some(&i) = positions.get(file.path.as_str()) {
+                set.files.insert(file.path.clone(), index.stats[i]);
+            }
+        }
+        if let Err(e) = save_published(&path, &set) {
+            tracing::warn!(error = %e, "cannot save what the other site holds; the audit will overstate");
+        }
+    }
+
+    /// The cross-site audit of every job served from each export.
+    pub fn audit(&self) -> Vec<ExportAudit> {
+        let mut out = Vec::new();
+        let Ok(entries) = std::fs::read_dir(&self.cache_dir) else {
+            return out;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(rest) = name.strip_prefix("published-").and_then(|r| r.strip_suffix(".tsv")) else {
+                continue;
+            };
+            let Some((export, root)) = self
+                .exports
+                .iter()
+                .find(|(e, _)| rest.starts_with(&format!("{e}-")))
+                .map(|(e, r)| (e.clone(), r.clone()))
+            else {
+                continue;
+            };
+            let job = rest[export.len() + 1..].to_string();
+            let set = load_published(&entry.path()).unwrap_or_default();
+            out.push(audit_export(&export, &job, &root, &set));
+        }
+        out
     }
 
     /// Files of backup output folders under the export are now in the
@@ -330,6 +422,88 @@ impl Source {
         }
         marked
     }
+}
+
+/// What the newest published snapshot of a job holds, by path.
+#[derive(Debug, Default)]
+struct PublishedSet {
+    run_id: Option<i64>,
+    at: f64,
+    files: HashMap<String, (u64, i64)>,
+}
+
+/// `run\tat` then `size\tmtime_ns\tpath` lines.
+fn load_published(path: &Path) -> Option<PublishedSet> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut lines = text.lines();
+    let (run, at) = lines.next()?.split_once('\t')?;
+    let mut set = PublishedSet {
+        run_id: run.parse().ok(),
+        at: at.parse().ok()?,
+        files: HashMap::new(),
+    };
+    for line in lines {
+        let mut parts = line.splitn(3, '\t');
+        let (Some(size), Some(mtime), Some(file)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        if let (Ok(size), Ok(mtime)) = (size.parse(), mtime.parse()) {
+            set.files.insert(file.to_string(), (size, mtime));
+        }
+    }
+    Some(set)
+}
+
+fn save_published(path: &Path, set: &PublishedSet) -> Result<(), String> {
+    use std::fmt::Write as _;
+    let mut text = format!("{}\t{}\n", set.run_id.unwrap_or(0), set.at);
+    for (file, (size, mtime)) in &set.files {
+        let _ = writeln!(text, "{size}\t{mtime}\t{file}");
+    }
+    let dir = path.parent().ok_or("no folder")?;
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let name = path.file_name().ok_or("no name")?.to_string_lossy().into_owned();
+    crate::spool::write_atomically(dir, &name, text.as_bytes()).map_err(|e| e.to_string())
+}
+
+/// Walks the export (metadata only) against what the other site holds.
+fn audit_export(export: &str, job: &str, root: &Path, set: &PublishedSet) -> ExportAudit {
+    let mut audit = ExportAudit {
+        export: export.to_string(),
+        job: job.to_string(),
+        files: 0,
+        bytes: 0,
+        unreplicated_files: 0,
+        unreplicated_bytes: 0,
+        oldest_unreplicated_at: None,
+        published_at: (set.at > 0.0).then_some(set.at),
+        error: None,
+        scanned_at: now_unix(),
+    };
+    match crate::backup::scan::list_files(root, true, None) {
+        Err(e) => audit.error = Some(e),
+        Ok(files) => {
+            for file in files {
+                audit.files += 1;
+                audit.bytes += file.size;
+                let mtime_ns = (file.mtime * 1e9).round() as i64;
+                let held = set
+                    .files
+                    .get(&file.rel)
+                    .is_some_and(|(size, mtime)| *size == file.size && (*mtime - mtime_ns).abs() < 1_000);
+                if !held {
+                    audit.unreplicated_files += 1;
+                    audit.unreplicated_bytes += file.size;
+                    audit.oldest_unreplicated_at = Some(
+                        audit
+                            .oldest_unreplicated_at
+                            .map_or(file.mtime, |o: f64| o.min(file.mtime)),
+                    );
+                }
+            }
+        }
+    }
+    audit
 }
 
 type Refusal = (StatusCode, &'static str, String);

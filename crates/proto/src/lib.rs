@@ -101,6 +101,10 @@ pub struct Report {
     /// commands and the folders watched for other tools' backups.
     #[serde(default)]
     pub backups: Vec<LocalBackup>,
+    /// Per replication job served from this agent: what the other site
+    /// does not hold yet.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exports: Vec<ExportAudit>,
     /// Where peers pull replication data from this agent, if it serves any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_url: Option<String>,
@@ -685,4 +689,52 @@ pub struct ManifestEntry {
     /// BLAKE3 of the whole file, hex.
     pub blake3: String,
     pub chunks: Vec<ChunkRef>,
+}
+
+/// The cross-site audit of one replication job, made by its source: the
+/// files of the export that the newest snapshot published in the other site
+/// does not hold (new, or changed since).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExportAudit {
+    pub export: String,
+    pub job: String,
+    /// Files and bytes in the export now.
+    pub files: u64,
+    pub bytes: u64,
+    pub unreplicated_files: u64,
+    pub unreplicated_bytes: u64,
+    /// Modification time of the oldest file not in the other site.
+    #[serde(default)]
+    pub oldest_unreplicated_at: Option<f64>,
+    /// When the newest snapshot of the job was published, as the
+    /// destination told the source.
+    #[serde(default)]
+    pub published_at: Option<f64>,
+    #[serde(default)]
+    pub error: Option<String>,
+    pub scanned_at: f64,
+}
+
+/// Where the cross-site audit is served.
+pub const AUDIT_PATH: &str = "/api/v1/audit";
+
+/// One replication job in the cross-site audit (`dicops audit`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicationAudit {
+    pub job: String,
+    pub source_site: String,
+    pub source_agent: String,
+    pub export: String,
+    /// The destination.
+    pub site: String,
+    pub agent: String,
+    pub max_lag_seconds: Option<f64>,
+    /// When the source state of the newest snapshot was read.
+    pub source_state_at: Option<f64>,
+    pub last_success_at: Option<f64>,
+    pub snapshot: Option<String>,
+    /// The source's comparison of its export with that snapshot.
+    pub audit: Option<ExportAudit>,
+    /// Why the audit is missing or stale.
+    pub problem: Option<String>,
 }
