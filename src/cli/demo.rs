@@ -24,6 +24,10 @@ const SITES: [(&str, &str, [&str; 2]); 2] = [
 /// scheduled backup.
 const DUMPS: [(&str, &str); 2] = [("db01", "app"), ("app02", "crm")];
 
+/// (source agent, destination agent in the other site): each site's dumps
+/// are replicated to the other site.
+const REPLICAS: [(&str, &str); 2] = [("db01", "backup01"), ("app02", "app01")];
+
 /// A stand-in for pg_dump: a plain SQL dump of about 2 MiB, written under
 /// a temporary name and renamed when complete, like real dump tools do.
 /// One row in twenty changes from one dump to the next.
@@ -131,6 +135,10 @@ fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
 }
 
 fn write_configs(dir: &Path, port: u16, interval: u64) -> anyhow::Result<()> {
+    let mut data_ports = std::collections::HashMap::new();
+    for (source, _) in REPLICAS {
+        data_ports.insert(source, free_port()?);
+    }
     let pki_dir = dir.join("pki");
     pki::init_ca(&pki_dir, "dicops demo CA", 30, true)?;
     pki::issue(&pki_dir, &pki_dir, &Identity::Controller, &[], 30, true)?;
@@ -163,6 +171,18 @@ fn write_configs(dir: &Path, port: u16, interval: u64) -> anyhow::Result<()> {
                     output.display()
                 ));
             }
+            if let Some(data_port) = data_ports.get(agent) {
+                // Its dumps are served, read only, to the other site.
+                config.push_str(&format!(
+                    "data:\n  listen: 127.0.0.1:{data_port}\n  url: https://127.0.0.1:{data_port}\nexports:\n  dumps: {}\n",
+                    dir.join("backups").join(agent).display()
+                ));
+            }
+            if REPLICAS.iter().any(|(_, to)| *to == agent) {
+                let root = dir.join("replicas").join(agent);
+                std::fs::create_dir_all(&root)?;
+                config.push_str(&format!("roots:\n  replicas: {}\n", root.display()));
+            }
             config.push_str(&format!(
                 "tls:\n  ca: pki/ca.pem\n  cert: pki/agent-{agent}.pem\n  key: pki/agent-{agent}-key.pem\ncollect:\n  interval: {interval}s\n  backups_interval: {interval}s\n  paths: [{}]\n",
                 dir.display()
@@ -182,6 +202,14 @@ fn write_configs(dir: &Path, port: u16, interval: u64) -> anyhow::Result<()> {
     for (agent, database) in DUMPS {
         controller.push_str(&format!(
             "  - name: {agent}-{database}-dump\n    agent: {agent}\n    run: pg-dump\n    schedule: \"*/2 * * * *\"\n    max_age: 5m\n"
+        ));
+    }
+    // Each site's dumps copied to the other site on the odd minutes, after
+    // the dumps of the even ones.
+    controller.push_str("replications:\n");
+    for (source, destination) in REPLICAS {
+        controller.push_str(&format!(
+            "  - name: {source}-dumps-to-{destination}\n    source: {{agent: {source}, export: dumps}}\n    destination: {{agent: {destination}, root: replicas}}\n    schedule: \"1-59/2 * * * *\"\n    max_lag: 10m\n    retention: {{keep_last: 5}}\n"
         ));
     }
     std::fs::write(dir.join("controller.yaml"), controller)?;
@@ -308,8 +336,24 @@ async fn drive(
         }
         Err(e) => println!("  cannot reach the controller to start the first dumps: {e}"),
     }
+    // And their first copies to the other site once the dumps are done.
+    let cli_file = dir.join("cli.yaml");
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        if let Ok(mut api) = super::api::Api::from_file(&cli_file) {
+            for (source, destination) in REPLICAS {
+                let path = format!("{}/{source}-dumps-to-{destination}/run", dicops_proto::JOBS_PATH);
+                let _ = api.post::<dicops_proto::RunStarted>(&path).await;
+            }
+        }
+    });
     println!("status:   dicops status --config {}", dir.join("cli.yaml").display());
     println!("backups:  dicops backups --config {}", dir.join("cli.yaml").display());
+    println!(
+        "replicas: dicops audit --config {}   (and {})",
+        dir.join("cli.yaml").display(),
+        dir.join("replicas").display()
+    );
     println!("logs:     {}\n", dir.join("logs").display());
     print!("{}", super::status::render(&status, &url, true));
     match args.duration {
