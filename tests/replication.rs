@@ -333,3 +333,338 @@ fn a_stalled_transfer_is_aborted_and_its_retry_resumes_without_resending() {
         "the chunks verified before the stall are not sent again: the retry sent {resent} of 4 MiB"
     );
 }
+
+/// What the fake source sends.
+#[derive(Clone, Copy, PartialEq)]
+enum Hostile {
+    Traversal,
+    Absolute,
+    CorruptChunk,
+    NotUtf8,
+    Oversized,
+}
+
+/// A source with a valid certificate that lies: it plays a compromised
+/// db01 on its data port.
+fn fake_source(d: &Deployment, port: u16, mode: std::sync::Arc<std::sync::Mutex<Hostile>>) {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    let tls = dicops_net::TlsReloader::load(d.pki.files("agent-db01")).expect("tls");
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.expect("bind");
+            loop {
+                let Ok((tcp, addr)) = listener.accept().await else { continue };
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
+                let mode = mode.clone();
+                tokio::spawn(async move {
+                    let Ok((stream, peer)) = dicops_net::server::accept(&acceptor, tcp, addr).await else {
+                        return;
+                    };
+                    let handler = move |req: hyper::Request<hyper::body::Incoming>, _peer| {
+                        let mode = *mode.lock().expect("mode");
+                        async move {
+                            let path = req.uri().path().to_string();
+                            let run: i64 = path.split('/').nth(4).and_then(|r| r.parse().ok()).unwrap_or(0);
+                            let data = b"twelve bytes".to_vec();
+                            let id = blake3::hash(&data).to_hex().to_string();
+                            let body = if path.ends_with("/manifest") {
+                                let header = format!(
+                                    "{{\"version\":1,\"job\":\"from-fake\",\"run_id\":{run},\"source_agent\":\"db01\",\"export\":\"dumps\",\"taken_at\":1.0}}\n"
+                                );
+                                let name = match mode {
+                                    Hostile::Traversal => "../../escape.txt",
+                                    Hostile::Absolute => "/tmp/dicops-hostile-absolute.txt",
+                                    _ => "ok.txt",
+                                };
+                                let entry = format!(
+                                    "{{\"path\":\"{name}\",\"size\":12,\"mode\":420,\"mtime_ns\":0,\"blake3\":\"{id}\",\"chunks\":[{{\"id\":\"{id}\",\"len\":12}}]}}\n"
+                                );
+                                let mut body = (header + &entry).into_bytes();
+                                if mode == Hostile::NotUtf8 {
+                                    body.extend_from_slice(b"{\"path\":\"\xff\xfe.txt\",\"size\":0}\n");
+                                }
+                                if mode == Hostile::Oversized {
+                                    body.resize(65 << 20, b' ');
+                                }
+                                body
+                            } else {
+                                // The frame of the one chunk, with other bytes than its id says.
+                                let mut frame = blake3::hash(&data).as_bytes().to_vec();
+                                frame.push(0);
+                                frame.extend_from_slice(&12u32.to_le_bytes());
+                                frame.extend_from_slice(b"evil content");
+                                frame
+                            };
+                            hyper::Response::new(Full::new(Bytes::from(body)))
+                        }
+                    };
+                    dicops_net::server::serve_http1(stream, peer, handler, tokio_util::sync::CancellationToken::new()).await;
+                });
+            }
+        });
+    });
+    // The fake announces its data port to the controller as db01 would.
+    let report = dicops_proto::Report {
+        agent: "db01".into(),
+        seq: 1,
+        instance: "fake".into(),
+        collected_at: 1.0,
+        interval_seconds: 60.0,
+        info: Default::default(),
+        health: Default::default(),
+        report_failures: Default::default(),
+        backups: Vec::new(),
+        exports: Vec::new(),
+        data_url: Some(format!("https://127.0.0.1:{port}")),
+        certificate_expiry_timestamp_seconds: None,
+    };
+    let mut client = d.client("agent-db01");
+    let (status, _) = d
+        .runtime
+        .block_on(client.request(
+            hyper::Method::POST,
+            dicops_proto::REPORT_PATH,
+            Some(serde_json::to_vec(&report).expect("json")),
+        ))
+        .expect("report");
+    assert!(status.is_success(), "{status}");
+}
+
+#[test]
+fn a_lying_source_cannot_write_outside_the_root_or_publish_bad_data() {
+    let s = sites(
+        "  - {name: from-fake, source: {agent: db01, export: dumps}, destination: {agent: backup01, root: replicas}, retries: 0}\n",
+    );
+    let d = &s.d;
+    let _controller = d.start_controller();
+    let _backup01 = d.start_agent("backup01");
+    d.wait_agents_up(&["backup01"], Duration::from_secs(20));
+    let mode = std::sync::Arc::new(std::sync::Mutex::new(Hostile::Traversal));
+    fake_source(d, s.data_port, mode.clone());
+    for (hostile, error) in [
+        (Hostile::Traversal, "escapes the snapshot"),
+        (Hostile::Absolute, "escapes the snapshot"),
+        (Hostile::CorruptChunk, "damaged in transit"),
+        (Hostile::NotUtf8, "malformed"),
+        (Hostile::Oversized, "larger than"),
+    ] {
+        *mode.lock().expect("mode") = hostile;
+        let (code, out, _) = d.cli(&["run", "from-fake", "--follow"]);
+        assert_eq!(code, 1, "{out}");
+        let run = d.runs("from-fake").remove(0);
+        assert_eq!(run.status, "failed");
+        assert!(
+            run.error.clone().unwrap_or_default().contains(error),
+            "{error}: {run:?}"
+        );
+    }
+    assert!(!d.path("escape.txt").exists() && !s.replicas.join("escape.txt").exists());
+    assert!(!Path::new("/tmp/dicops-hostile-absolute.txt").exists());
+    let snapshots = s.replicas.join("from-fake/snapshots");
+    assert_eq!(
+        std::fs::read_dir(&snapshots).map(|e| e.count()).unwrap_or(0),
+        0,
+        "nothing published"
+    );
+    // The destination agent is still serving everyone else.
+    assert_eq!(
+        sample(&d.metrics(), "dicops_agent_up", &[("agent", "backup01")]),
+        Some(1.0)
+    );
+}
+
+/// A small filesystem mounted for one test, unmounted when dropped.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &Path, size: &str) -> SmallDisk {
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "this test mounts a small tmpfs as the destination disk and needs root (CAP_SYS_ADMIN): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallDisk(dir.to_path_buf())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_destination_disk_fails_the_run_and_keeps_earlier_snapshots() {
+    let s = sites(
+        "  - {name: fills, source: {agent: db01, export: dumps}, destination: {agent: backup01, root: replicas}, retries: 0}\n",
+    );
+    let _disk = SmallDisk::mount(&s.replicas, "6m");
+    write(&s.source.join("small.dump"), &noise(2 << 20, 21));
+    let d = &s.d;
+    let _controller = d.start_controller();
+    let _db01 = d.start_agent("db01");
+    let _backup01 = d.start_agent("backup01");
+    d.wait_agents_up(&["db01", "backup01"], Duration::from_secs(20));
+    run_job(d, "fills");
+    let first = std::fs::canonicalize(s.replicas.join("fills/latest")).expect("first snapshot");
+    let before = tree(&first);
+
+    // A dump that does not fit in what is left.
+    write(&s.source.join("big.dump"), &noise(5 << 20, 22));
+    let (code, out, _) = d.cli(&["run", "fills", "--follow"]);
+    assert_eq!(code, 1, "{out}");
+    let failed = d.runs("fills").remove(0);
+    assert!(
+        failed
+            .error
+            .clone()
+            .unwrap_or_default()
+            .contains("No space left on device"),
+        "{failed:?}"
+    );
+    assert_eq!(
+        std::fs::canonicalize(s.replicas.join("fills/latest")).expect("latest"),
+        first
+    );
+    assert_eq!(tree(&first), before, "the earlier snapshot is intact");
+
+    // Once the big file is gone, the next run publishes.
+    std::fs::remove_file(s.source.join("big.dump")).expect("rm");
+    write(&s.source.join("note.txt"), b"after the disk filled\n");
+    run_job(d, "fills");
+    let latest = std::fs::canonicalize(s.replicas.join("fills/latest")).expect("latest");
+    assert_ne!(latest, first);
+    assert_eq!(tree(&latest), tree(&s.source));
+}
+
+/// Every snapshot folder holds exactly what its manifest says.
+fn assert_snapshots_whole(job_dir: &Path) {
+    for entry in std::fs::read_dir(job_dir.join("snapshots")).expect("snapshots") {
+        let dir = entry.expect("entry").path();
+        let name = dir.file_name().expect("name").to_string_lossy().into_owned();
+        let manifest = std::fs::read_to_string(job_dir.join("manifests").join(format!("{name}.ndjson")))
+            .unwrap_or_else(|e| panic!("snapshot {name} has no manifest: {e}"));
+        let mut expected: Vec<(String, String)> = manifest
+            .lines()
+            .skip(1)
+            .map(|line| {
+                let entry: dicops_proto::ManifestEntry = serde_json::from_str(line).expect("entry");
+                (entry.path, entry.blake3)
+            })
+            .collect();
+        expected.sort();
+        let actual: Vec<(String, String)> = tree(&dir)
+            .into_iter()
+            .map(|(path, bytes)| (path, blake3::hash(&bytes).to_hex().to_string()))
+            .collect();
+        assert_eq!(actual, expected, "snapshot {name} is not whole");
+    }
+}
+
+#[test]
+fn agents_killed_at_random_moments_never_leave_a_partial_snapshot() {
+    let iterations: usize = std::env::var("DICOPS_KILL_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let s = sites(
+        "  - {name: crashy, source: {agent: db01, export: dumps}, destination: {agent: backup01, root: replicas}, bandwidth: 4MiB/s, retries: 10, retry_backoff: 1s, retry_backoff_max: 2s}\n",
+    );
+    let d = &s.d;
+    let _controller = d.start_controller();
+    let mut db01 = d.start_agent("db01");
+    let mut backup01 = d.start_agent("backup01");
+    d.wait_agents_up(&["db01", "backup01"], Duration::from_secs(20));
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos() as u64
+        | 1;
+    println!("seed {seed}");
+    let mut random = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let job_dir = s.replicas.join("crashy");
+    for i in 0..iterations {
+        // The source changes: a new dump, and the running one grows.
+        write(&s.source.join(format!("day-{i:02}.dump")), &noise(1 << 20, random()));
+        let newest = d.runs("crashy").first().map_or(0, |r| r.id);
+        let (code, out, _) = d.cli(&["run", "crashy"]);
+        assert_eq!(code, 0, "{out}");
+        std::thread::sleep(Duration::from_millis(100 + random() % 900));
+        if random() % 2 == 0 {
+            db01.kill9();
+            db01 = d.start_agent("db01");
+        } else {
+            backup01.kill9();
+            backup01 = d.start_agent("backup01");
+        }
+        assert_snapshots_whole(&job_dir);
+        let done = wait_until(Duration::from_secs(90), "a run of this round succeeds", || {
+            d.runs("crashy")
+                .into_iter()
+                .find(|r| r.id > newest && r.status == "succeeded")
+        });
+        let latest = std::fs::canonicalize(job_dir.join("latest")).expect("latest");
+        assert_eq!(tree(&latest), tree(&s.source), "round {i}, run {}", done.id);
+        assert_snapshots_whole(&job_dir);
+    }
+}
+
+#[test]
+fn a_file_changing_during_the_transfer_is_never_published_torn() {
+    let s = sites(
+        "  - {name: moving, source: {agent: db01, export: dumps}, destination: {agent: backup01, root: replicas}, bandwidth: 1MiB/s, retries: 2, retry_backoff: 1s}\n",
+    );
+    write(&s.source.join("live.dump"), &noise(4 << 20, 31));
+    let d = &s.d;
+    let _controller = d.start_controller();
+    let _db01 = d.start_agent("db01");
+    let _backup01 = d.start_agent("backup01");
+    d.wait_agents_up(&["db01", "backup01"], Duration::from_secs(20));
+    let (code, _, _) = d.cli(&["run", "moving"]);
+    assert_eq!(code, 0);
+    let id = wait_until(Duration::from_secs(10), "run started", || {
+        d.runs("moving").first().map(|r| r.id)
+    });
+    wait_until(Duration::from_secs(20), "transfer under way", || {
+        (d.run(id).progress.as_ref().and_then(|p| p.bytes).unwrap_or(0) > 0).then_some(())
+    });
+    // Rewritten in place while the destination is fetching it.
+    let rewritten = noise(4 << 20, 32);
+    std::fs::write(s.source.join("live.dump"), &rewritten).expect("rewrite");
+    let first = wait_until(Duration::from_secs(30), "first attempt ended", || {
+        let r = d.run(id);
+        (r.status != "running").then_some(r)
+    });
+    assert_eq!(first.status, "failed", "{first:?}");
+    assert!(
+        first
+            .error
+            .clone()
+            .unwrap_or_default()
+            .contains("changed since the manifest was taken"),
+        "{first:?}"
+    );
+    wait_until(Duration::from_secs(60), "a retry publishes", || {
+        d.runs("moving")
+            .into_iter()
+            .find(|r| r.trigger == "retry" && r.status == "succeeded")
+    });
+    let latest = std::fs::canonicalize(s.replicas.join("moving/latest")).expect("latest");
+    assert_eq!(std::fs::read(latest.join("live.dump")).expect("read"), rewritten);
+}
