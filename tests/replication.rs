@@ -668,3 +668,55 @@ fn a_file_changing_during_the_transfer_is_never_published_torn() {
     let latest = std::fs::canonicalize(s.replicas.join("moving/latest")).expect("latest");
     assert_eq!(std::fs::read(latest.join("live.dump")).expect("read"), rewritten);
 }
+
+#[test]
+fn the_link_budget_is_shared_and_a_reload_changes_it_without_restarting_the_run() {
+    let mut s = sites(
+        "  - {name: linked, source: {agent: db01, export: dumps}, destination: {agent: backup01, root: replicas}, retries: 0}\n",
+    );
+    s.d.controller_extra += "links:\n  - sites: [dc1, dc2]\n    bandwidth: 256KiB/s\n";
+    write(&s.source.join("db.dump"), &noise(4 << 20, 41));
+    let d = &s.d;
+    let _controller = d.start_controller();
+    let _db01 = d.start_agent("db01");
+    let _backup01 = d.start_agent("backup01");
+    d.wait_agents_up(&["db01", "backup01"], Duration::from_secs(20));
+    let (code, _, _) = d.cli(&["run", "linked"]);
+    assert_eq!(code, 0);
+    let id = wait_until(Duration::from_secs(10), "run started", || {
+        d.runs("linked").first().map(|r| r.id)
+    });
+    let moving = wait_until(Duration::from_secs(20), "transfer under way", || {
+        let r = d.run(id);
+        r.progress
+            .as_ref()
+            .and_then(|p| p.bytes)
+            .filter(|b| *b > 0)
+            .map(|_| std::time::Instant::now())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let early = d.run(id).progress.and_then(|p| p.bytes).unwrap_or(0);
+    let elapsed = moving.elapsed().as_secs_f64() + 1.0;
+    assert!(
+        (early as f64) <= 256.0 * 1024.0 * (elapsed + 1.0),
+        "{early} bytes in about {elapsed:.1} s at 256 KiB/s"
+    );
+    // The link is upgraded: a reload, and the running transfer speeds up.
+    let config = d.path("controller.yaml");
+    let text = std::fs::read_to_string(&config)
+        .expect("config")
+        .replace("256KiB/s", "8MiB/s");
+    std::fs::write(&config, text).expect("write");
+    let (code, out, err) = d.cli(&["reload"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let done = wait_until(Duration::from_secs(60), "run ended", || {
+        let r = d.run(id);
+        (r.status != "running").then_some(r)
+    });
+    assert_eq!(done.status, "succeeded", "{done:?}");
+    let log = std::fs::read_to_string(d.path("agent-backup01.log")).expect("log");
+    assert!(
+        log.contains("bandwidth changed by the controller") && log.contains("Some(8388608)"),
+        "the running pull took the new rate: {log}"
+    );
+}

@@ -44,6 +44,8 @@ pub struct ProgressBoard {
     /// Runs whose progress changed since the last post.
     changed: Mutex<Vec<i64>>,
     ready: Notify,
+    /// A replication's rate as the controller last set it.
+    bandwidth: Mutex<HashMap<i64, Option<u64>>>,
 }
 
 impl ProgressBoard {
@@ -62,6 +64,16 @@ impl ProgressBoard {
 
     fn forget(&self, run_id: i64) {
         self.latest.lock().unwrap_or_else(|p| p.into_inner()).remove(&run_id);
+        self.bandwidth.lock().unwrap_or_else(|p| p.into_inner()).remove(&run_id);
+    }
+
+    /// The rate the controller last gave this run, if it gave one.
+    pub fn bandwidth(&self, run_id: i64) -> Option<Option<u64>> {
+        self.bandwidth
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&run_id)
+            .copied()
     }
 
     fn take_changed(&self) -> Vec<RunProgress> {
@@ -397,19 +409,27 @@ impl Tasks {
         tracing::info!(run = task.run_id, job = %task.job, source = %pull.source_agent, root = %pull.root, "replicating");
         let board = self.progress.clone();
         let run_id = task.run_id;
+        let rates = self.progress.clone();
         let outcome = self
             .puller
-            .pull(&task.job, task.run_id, pull, cancel, |p| {
-                board.set(RunProgress {
-                    run_id,
-                    phase: p.phase.to_string(),
-                    bytes: Some(p.bytes),
-                    files: None,
-                    bytes_remaining: Some(p.remaining),
-                    message: Some(p.message),
-                    updated_at: now_unix(),
-                })
-            })
+            .pull(
+                &task.job,
+                task.run_id,
+                pull,
+                cancel,
+                move || rates.bandwidth(run_id),
+                |p| {
+                    board.set(RunProgress {
+                        run_id,
+                        phase: p.phase.to_string(),
+                        bytes: Some(p.bytes),
+                        files: None,
+                        bytes_remaining: Some(p.remaining),
+                        message: Some(p.message),
+                        updated_at: now_unix(),
+                    })
+                },
+            )
             .await;
         match outcome {
             Ok(stats) => {
@@ -514,11 +534,21 @@ impl Tasks {
                 let Ok(body) = serde_json::to_vec(&progress) else {
                     continue;
                 };
-                if let Err(e) = client
+                match client
                     .request(Method::POST, dicops_proto::PROGRESS_PATH, Some(body))
                     .await
                 {
-                    tracing::debug!(run = progress.run_id, error = %e, "progress not posted");
+                    Ok((status, body)) if status.is_success() => {
+                        if let Ok(ack) = serde_json::from_slice::<dicops_proto::ProgressAck>(&body) {
+                            self.progress
+                                .bandwidth
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert(progress.run_id, ack.bandwidth);
+                        }
+                    }
+                    Ok((status, _)) => tracing::debug!(run = progress.run_id, %status, "progress refused"),
+                    Err(e) => tracing::debug!(run = progress.run_id, error = %e, "progress not posted"),
                 }
             }
         }

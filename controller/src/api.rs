@@ -469,7 +469,7 @@ async fn progress(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> Respo
         Err(refusal) => return *refusal,
     };
     match shared.scheduler.set_progress(&agent, progress) {
-        Ok(()) => respond(StatusCode::NO_CONTENT, JSON, ""),
+        Ok(bandwidth) => json(StatusCode::OK, &dicops_proto::ProgressAck { bandwidth }),
         Err(e) => refuse(shared, H, peer, StatusCode::FORBIDDEN, e.reason(), e.to_string()),
     }
 }

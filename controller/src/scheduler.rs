@@ -96,6 +96,9 @@ struct Dispatched {
     agent: String,
     taken_at: Option<DateTime<Utc>>,
     backup: bool,
+    /// For a replication: the job's own bandwidth limit (None: only the
+    /// link's); it shares its link's budget with the others over it.
+    pull_limit: Option<Option<u64>>,
 }
 
 struct Inner {
@@ -348,6 +351,10 @@ impl Scheduler {
                                 agent: job.agent.clone(),
                                 taken_at: Some(now),
                                 backup: job.kind.is_backup(),
+                                pull_limit: match &job.kind {
+                                    JobKind::Replication(spec) => Some(spec.bandwidth),
+                                    _ => None,
+                                },
                             },
                         );
                     }
@@ -564,6 +571,23 @@ impl Scheduler {
         Ok(next.max(now))
     }
 
+    /// A replication run's rate now: its share of its link's budget (time
+    /// windows in the deployment's timezone), within the job's own limit.
+    fn bandwidth_of(inner: &Inner, run: i64, now: DateTime<Utc>) -> Option<u64> {
+        let dispatched = inner.on_agent.get(&run)?;
+        let job_limit = dispatched.pull_limit?;
+        let (a, b) = &dispatched.pair;
+        let same_link = |d: &Dispatched| {
+            d.pull_limit.is_some() && (d.pair == (a.clone(), b.clone()) || d.pair == (b.clone(), a.clone()))
+        };
+        let running = inner.on_agent.values().filter(|d| same_link(d)).count();
+        let link = inner
+            .config
+            .link_between(a, b)
+            .and_then(|budget| budget.rate_at(&now.with_timezone(&inner.config.timezone)));
+        dicops_core::links::share(link, running, job_limit)
+    }
+
     /// Records where an agent serves replication data.
     pub fn note_data_url(&self, agent: &str, url: Option<&str>) {
         let mut urls = self.data_urls.lock().unwrap_or_else(|p| p.into_inner());
@@ -645,8 +669,15 @@ impl Scheduler {
                     agent: p.agent.clone(),
                     taken_at: None,
                     backup: p.backup,
+                    pull_limit: match &p.kind {
+                        TaskKind::Pull(pull) => Some(pull.bandwidth),
+                        TaskKind::Command { .. } => None,
+                    },
                 },
             );
+            if let TaskKind::Pull(pull) = &mut p.kind {
+                pull.bandwidth = Self::bandwidth_of(inner, p.run_id, now);
+            }
             inner.outbox.entry(p.agent.clone()).or_default().push(Task {
                 run_id: p.run_id,
                 job: p.job.clone(),
@@ -985,11 +1016,13 @@ impl Scheduler {
     }
 
     /// A running task's progress from its agent. Progress of a run that
-    /// already ended is dropped; a run of another agent is refused.
-    pub fn set_progress(&self, agent: &str, progress: RunProgress) -> Result<(), SchedulerError> {
+    /// already ended is dropped; a run of another agent is refused. For a
+    /// replication, the answer is its rate from now on: a reload or a time
+    /// window changes it without restarting the transfer.
+    pub fn set_progress(&self, agent: &str, progress: RunProgress) -> Result<Option<u64>, SchedulerError> {
         let mut inner = self.lock();
         let Some(owner) = inner.on_agent.get(&progress.run_id).map(|d| d.agent.clone()) else {
-            return Ok(());
+            return Ok(None);
         };
         if owner != agent {
             return Err(SchedulerError::NotYourRun {
@@ -998,8 +1031,9 @@ impl Scheduler {
                 agent: agent.to_string(),
             });
         }
-        inner.progress.insert(progress.run_id, progress);
-        Ok(())
+        let run = progress.run_id;
+        inner.progress.insert(run, progress);
+        Ok(Self::bandwidth_of(&inner, run, Utc::now()))
     }
 
     pub fn store(&self) -> &Store {

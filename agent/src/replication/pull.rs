@@ -63,6 +63,7 @@ impl Puller {
         run_id: i64,
         pull: &PullTask,
         cancel: CancellationToken,
+        bandwidth: impl Fn() -> Option<Option<u64>>,
         progress: impl Fn(Progress),
     ) -> Result<ReplicationStats, String> {
         let Some(root) = self.roots.get(&pull.root).cloned() else {
@@ -133,11 +134,18 @@ impl Puller {
 
         let mut fetched = 0u64;
         let mut on_wire = 0u64;
-        let transfer_started = Instant::now();
+        let mut rate = pull.bandwidth;
+        // The limiter measures from the last change of rate.
+        let mut window = (Instant::now(), 0u64);
         let batch_bytes = pull
             .bandwidth
             .map_or(BATCH_BYTES, |rate| (rate / 2).clamp(MIN_BATCH_BYTES, BATCH_BYTES));
         for batch in batches(&plan.missing, batch_bytes) {
+            if let Some(new) = bandwidth().filter(|new| *new != rate) {
+                tracing::info!(run = run_id, from = ?rate, to = ?new, "bandwidth changed by the controller");
+                rate = new;
+                window = (Instant::now(), on_wire);
+            }
             if cancel.is_cancelled() {
                 return Err("the run was cancelled (max_runtime passed, or the agent is stopping)".into());
             }
@@ -174,10 +182,10 @@ impl Puller {
                 let store = store.clone();
                 blocking(move || store.store_chunk(&id, &bytes)).await?;
             }
-            if let Some(rate) = pull.bandwidth.filter(|r| *r > 0) {
-                // Stay under the job's limit on average.
-                let due = Duration::from_secs_f64(on_wire as f64 / rate as f64);
-                if let Some(wait) = due.checked_sub(transfer_started.elapsed()) {
+            if let Some(rate) = rate.filter(|r| *r > 0) {
+                // Stay under the rate on average since it was set.
+                let due = Duration::from_secs_f64((on_wire - window.1) as f64 / rate as f64);
+                if let Some(wait) = due.checked_sub(window.0.elapsed()) {
                     tokio::time::sleep(wait).await;
                 }
             }

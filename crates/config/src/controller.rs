@@ -38,9 +38,19 @@ pub struct ControllerConfig {
     pub jobs: Vec<JobConfig>,
     /// Backups made by other tools, watched by agents.
     pub watched_backups: Vec<WatchBackup>,
+    /// Bandwidth budgets of the links between sites.
+    pub links: Vec<Link>,
     /// Fingerprint of the file's bytes, to show drift from the deployed
     /// file (`dicops_config_info{hash}`).
     pub hash: String,
+}
+
+/// The link between two sites and its bandwidth budget, shared by every
+/// replication between them (both directions).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub sites: (String, String),
+    pub budget: dicops_core::links::LinkBudget,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +89,14 @@ impl ControllerConfig {
         self.jobs.iter().find(|j| j.name == name)
     }
 
+    /// The budget of the link between two sites, in either order.
+    pub fn link_between(&self, a: &str, b: &str) -> Option<&dicops_core::links::LinkBudget> {
+        self.links
+            .iter()
+            .find(|l| (l.sites.0 == a && l.sites.1 == b) || (l.sites.0 == b && l.sites.1 == a))
+            .map(|l| &l.budget)
+    }
+
     pub fn site_of(&self, agent: &str) -> Option<&str> {
         self.agents.iter().find(|a| a.id == agent).map(|a| a.site.as_str())
     }
@@ -106,6 +124,28 @@ struct RawController {
     backups: Vec<RawBackup>,
     #[serde(default)]
     replications: Vec<RawReplication>,
+    #[serde(default)]
+    links: Vec<RawLink>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLink {
+    sites: Vec<String>,
+    #[serde(default)]
+    bandwidth: Option<String>,
+    #[serde(default)]
+    windows: Vec<RawWindow>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWindow {
+    #[serde(default)]
+    days: Option<String>,
+    from: String,
+    to: String,
+    bandwidth: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -237,6 +277,7 @@ fn validate(path: &Path, text: &str, raw: RawController, check_files: bool) -> R
         check.problem("limits.concurrent_backups_per_agent", "must be at least 1");
     }
     let agent_sites: HashMap<&str, &str> = raw.agents.iter().map(|a| (a.id.as_str(), a.site.as_str())).collect();
+    let links = validate_links(&mut check, &raw.links, &site_index);
     let (jobs, watched_backups) = validate_jobs(&mut check, raw.jobs, raw.backups, raw.replications, &agent_sites);
 
     let config = ControllerConfig {
@@ -247,6 +288,7 @@ fn validate(path: &Path, text: &str, raw: RawController, check_files: bool) -> R
         concurrent_backups_per_agent,
         jobs,
         watched_backups,
+        links,
         hash: fingerprint(text),
         source: path.to_path_buf(),
         listen,
@@ -283,4 +325,68 @@ fn fingerprint(text: &str) -> String {
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
     format!("{hash:016x}")
+}
+
+/// A rate such as `100MiB/s` (the `/s` is optional).
+fn rate(check: &mut Checker<'_>, field: &str, text: &str) -> u64 {
+    check.bytes(field, Some(text.strip_suffix("/s").unwrap_or(text)), u64::MAX)
+}
+
+fn validate_links(check: &mut Checker<'_>, raw: &[RawLink], sites: &HashMap<&str, usize>) -> Vec<Link> {
+    use dicops_core::links::{parse_clock, parse_days, LinkBudget, Window};
+    let mut links: Vec<Link> = Vec::new();
+    for (i, link) in raw.iter().enumerate() {
+        let at = |field: &str| format!("links[{i}].{field}");
+        let [a, b] = link.sites.as_slice() else {
+            check.problem(&at("sites"), "a link joins exactly two sites: `sites: [dc1, dc2]`");
+            continue;
+        };
+        for site in [a, b] {
+            if !sites.contains_key(site.as_str()) {
+                check.problem(&at("sites"), format!("site {site:?} is not declared in sites"));
+            }
+        }
+        if links
+            .iter()
+            .any(|l| (&l.sites.0, &l.sites.1) == (a, b) || (&l.sites.0, &l.sites.1) == (b, a))
+        {
+            check.problem(&at("sites"), format!("the link between {a} and {b} is declared twice"));
+        }
+        let mut windows = Vec::new();
+        for (j, w) in link.windows.iter().enumerate() {
+            let wat = |field: &str| format!("links[{i}].windows[{j}].{field}");
+            let days = match w.days.as_deref().map(parse_days) {
+                None => Ok([true; 7]),
+                Some(result) => result,
+            }
+            .unwrap_or_else(|e| {
+                check.problem(&wat("days"), e);
+                [true; 7]
+            });
+            let mut clock = |field: &str, text: &str| {
+                parse_clock(text).unwrap_or_else(|e| {
+                    check.problem(&wat(field), e);
+                    0
+                })
+            };
+            let (from, to) = (clock("from", &w.from), clock("to", &w.to));
+            if from == to {
+                check.problem(&wat("to"), "a window must not start and end at the same time");
+            }
+            windows.push(Window {
+                days,
+                from,
+                to,
+                rate: rate(check, &wat("bandwidth"), &w.bandwidth),
+            });
+        }
+        links.push(Link {
+            sites: (a.clone(), b.clone()),
+            budget: LinkBudget {
+                rate: link.bandwidth.as_deref().map(|t| rate(check, &at("bandwidth"), t)),
+                windows,
+            },
+        });
+    }
+    links
 }

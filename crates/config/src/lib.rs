@@ -17,7 +17,7 @@ mod users;
 
 pub use agent::{AgentConfig, CollectConfig, CommandConfig, DataConfig, FreeSpace, OutputConfig, RunAs, WatchConfig};
 pub use cli::CliConfig;
-pub use controller::{AgentEntry, ControllerConfig, Site};
+pub use controller::{AgentEntry, ControllerConfig, Link, Site};
 pub use error::{ConfigError, Problem};
 pub use jobs::{Compression, JobConfig, JobKind, ReplicationSpec, WatchBackup};
 

@@ -335,3 +335,35 @@ fn agents_name_their_exports_roots_and_data_port() {
     );
     assert!(err.contains("roots.rel: \"srv\" must be an absolute path"), "{err}");
 }
+
+#[test]
+fn links_have_a_budget_with_time_windows() {
+    let config = controller(&format!(
+        "{TWO_SITES}links:\n  - sites: [dc1, dc2]\n    bandwidth: 100MiB/s\n    windows:\n      - {{days: mon-fri, from: \"08:00\", to: \"18:00\", bandwidth: 20MiB/s}}\n"
+    ))
+    .expect("valid");
+    let link = config.link_between("dc2", "dc1").expect("either order");
+    assert_eq!(link.rate, Some(100 << 20));
+    assert_eq!(link.windows[0].rate, 20 << 20);
+    assert_eq!((link.windows[0].from, link.windows[0].to), (480, 1080));
+
+    let err = message(
+        controller(&format!(
+            "{TWO_SITES}links:\n  - sites: [dc1, dc9]\n  - sites: [dc1]\n  - sites: [dc1, dc2]\n    windows: [{{days: someday, from: \"8\", to: \"18:00\", bandwidth: 1MiB}}]\n"
+        ))
+        .expect_err("invalid"),
+    );
+    assert!(
+        err.contains("links[0].sites: site \"dc9\" is not declared in sites"),
+        "{err}"
+    );
+    assert!(err.contains("links[1].sites: a link joins exactly two sites"), "{err}");
+    assert!(
+        err.contains("links[2].windows[0].days: \"someday\" is not a day"),
+        "{err}"
+    );
+    assert!(
+        err.contains("links[2].windows[0].from: \"8\" is not a time of day"),
+        "{err}"
+    );
+}

@@ -7,6 +7,7 @@ pub mod backoff;
 pub mod filesystems;
 pub mod glob;
 pub mod jobs;
+pub mod links;
 pub mod liveness;
 pub mod retention;
 pub mod schedule;

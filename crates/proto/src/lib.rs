@@ -566,6 +566,14 @@ pub struct RunProgress {
     pub updated_at: f64,
 }
 
+/// The controller's answer to a progress post.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProgressAck {
+    /// A replication's rate from now on, bytes per second; None: unlimited.
+    #[serde(default)]
+    pub bandwidth: Option<u64>,
+}
+
 /// One backup as the API lists it: objective, last runs, the agent's scan.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BackupStatus {
