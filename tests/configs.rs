@@ -43,12 +43,12 @@ fn example_configs_are_valid() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(
-        stdout.contains("controller: 2 sites, 4 agents, 1 jobs, 2 backups (1 run, 1 watched)"),
+        stdout.contains("controller: 2 sites, 4 agents, 1 jobs, 2 backups (1 run, 1 watched), 1 replications"),
         "{stdout}"
     );
     assert!(
         stdout.contains(
-            "agent db01 reporting to https://controller.dc2.example.org:9443: 2 commands (1 backups), 0 watched folders"
+            "agent db01 reporting to https://controller.dc2.example.org:9443: 2 commands (1 backups), 0 watched folders, 1 exports, 0 roots"
         ),
         "{stdout}"
     );

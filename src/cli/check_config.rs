@@ -42,15 +42,17 @@ fn check(file: &std::path::Path, kind: Option<&str>) -> Result<String, String> {
         ConfigKind::Controller => {
             let config = ControllerConfig::load(file).map_err(|e| e.to_string())?;
             dicops_controller::load_tls(&config).map_err(|e| e.to_string())?;
-            let run_backups = config.jobs.iter().filter(|j| j.kind.is_backup()).count();
+            let count = |kind: &str| config.jobs.iter().filter(|j| j.kind.as_str() == kind).count();
+            let run_backups = count("backup");
             Ok(format!(
-                "controller: {} sites, {} agents, {} jobs, {} backups ({} run, {} watched), listens on {}",
+                "controller: {} sites, {} agents, {} jobs, {} backups ({} run, {} watched), {} replications, listens on {}",
                 config.sites.len(),
                 config.agents.len(),
-                config.jobs.len() - run_backups,
+                count("command"),
                 run_backups + config.watched_backups.len(),
                 run_backups,
                 config.watched_backups.len(),
+                count("replication"),
                 config.listen
             ))
         }
@@ -59,11 +61,13 @@ fn check(file: &std::path::Path, kind: Option<&str>) -> Result<String, String> {
             dicops_agent::load_tls(&config).map_err(|e| e.to_string())?;
             let backups = config.commands.values().filter(|c| c.output.is_some()).count();
             Ok(format!(
-                "agent {} reporting to {}: {} commands ({backups} backups), {} watched folders",
+                "agent {} reporting to {}: {} commands ({backups} backups), {} watched folders, {} exports, {} roots",
                 config.id,
                 config.controller_url,
                 config.commands.len(),
-                config.watches.len()
+                config.watches.len(),
+                config.exports.len(),
+                config.roots.len()
             ))
         }
         ConfigKind::Cli => {
