@@ -189,6 +189,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut last_status = String::new();
     let mut last_line = std::time::Instant::now();
     let mut shown_progress: Option<f64> = None;
+    let mut last_progress: Option<dicops_proto::RunProgress> = None;
     let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
     // A progress line redrawn in place on a terminal, appended otherwise.
     let mut open_line = false;
@@ -219,7 +220,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             .filter(|p| shown_progress != Some(p.updated_at))
             .filter(|_| tty || last_line.elapsed() >= Duration::from_secs(2))
         {
-            let line = format!("[{elapsed:>6}] {}", progress_line(progress));
+            let line = format!("[{elapsed:>6}] {}", progress_line(progress, last_progress.as_ref()));
+            last_progress = Some(progress.clone());
             if tty {
                 use std::io::Write;
                 // Clear and redraw: the line only ever shows the latest.
@@ -249,14 +251,43 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// `running: 1.2 GiB written (2 files) | dumping table orders`
-fn progress_line(progress: &dicops_proto::RunProgress) -> String {
+/// `running: 1.2 GiB written (2 files) | dumping table orders`, or for a
+/// transfer `transferring [#####-----] 48% 1.2 MiB of 2.5 MiB, 3.1 MiB/s, ETA 0s`.
+/// `previous` is the last progress shown, for the rate.
+fn progress_line(progress: &dicops_proto::RunProgress, previous: Option<&dicops_proto::RunProgress>) -> String {
     let mut line = progress.phase.clone();
-    if let Some(bytes) = progress.bytes {
-        line.push_str(&format!(": {} written", format_bytes(bytes)));
-        if let Some(files) = progress.files {
-            line.push_str(&format!(" ({files} file{})", if files == 1 { "" } else { "s" }));
+    match (progress.bytes, progress.bytes_remaining) {
+        (Some(done), Some(left)) if done + left > 0 => {
+            let total = done + left;
+            let share = done as f64 / total as f64;
+            let filled = (share * 20.0).round() as usize;
+            line.push_str(&format!(
+                " [{}{}] {:>3.0}% {} of {}",
+                "#".repeat(filled),
+                "-".repeat(20 - filled),
+                share * 100.0,
+                format_bytes(done),
+                format_bytes(total)
+            ));
+            let rate = previous
+                .filter(|p| p.phase == progress.phase && progress.updated_at > p.updated_at)
+                .and_then(|p| Some((done.checked_sub(p.bytes?)? as f64) / (progress.updated_at - p.updated_at)));
+            if let Some(rate) = rate.filter(|r| *r > 0.0) {
+                line.push_str(&format!(
+                    ", {}/s, ETA {}",
+                    format_bytes(rate as u64),
+                    human_age(left as f64 / rate)
+                ));
+            }
+            return line;
         }
+        (Some(bytes), _) => {
+            line.push_str(&format!(": {} written", format_bytes(bytes)));
+            if let Some(files) = progress.files {
+                line.push_str(&format!(" ({files} file{})", if files == 1 { "" } else { "s" }));
+            }
+        }
+        (None, _) => {}
     }
     if let Some(message) = progress.message.as_deref().filter(|m| !m.is_empty()) {
         line.push_str(&format!(" | {message}"));
@@ -502,4 +533,32 @@ pub async fn audit(args: CliArgs) -> anyhow::Result<ExitCode> {
         println!("{} replication job(s), {late} beyond max_lag", audits.len());
     }
     Ok(if late > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transfer_shows_a_bar_a_rate_and_an_eta() {
+        let at = |bytes: u64, left: u64, t: f64| dicops_proto::RunProgress {
+            run_id: 1,
+            phase: "transferring".into(),
+            bytes: Some(bytes),
+            files: None,
+            bytes_remaining: Some(left),
+            message: None,
+            updated_at: t,
+        };
+        let first = at(1 << 20, 3 << 20, 10.0);
+        assert_eq!(
+            progress_line(&first, None),
+            "transferring [#####---------------]  25% 1.0 MiB of 4.0 MiB"
+        );
+        let next = at(2 << 20, 2 << 20, 11.0);
+        assert_eq!(
+            progress_line(&next, Some(&first)),
+            "transferring [##########----------]  50% 2.0 MiB of 4.0 MiB, 1.0 MiB/s, ETA 2s"
+        );
+    }
 }
