@@ -342,14 +342,15 @@ enum Hostile {
     CorruptChunk,
     NotUtf8,
     Oversized,
+    MoreThanAnnounced,
 }
 
 /// A source with a valid certificate that lies: it plays a compromised
 /// db01 on its data port.
-fn fake_source(d: &Deployment, port: u16, mode: std::sync::Arc<std::sync::Mutex<Hostile>>) {
+fn fake_source(d: &Deployment, port: u16, cert: &str, mode: std::sync::Arc<std::sync::Mutex<Hostile>>) {
     use http_body_util::Full;
     use hyper::body::Bytes;
-    let tls = dicops_net::TlsReloader::load(d.pki.files("agent-db01")).expect("tls");
+    let tls = dicops_net::TlsReloader::load(d.pki.files(cert)).expect("tls");
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -375,7 +376,7 @@ fn fake_source(d: &Deployment, port: u16, mode: std::sync::Arc<std::sync::Mutex<
                             let id = blake3::hash(&data).to_hex().to_string();
                             let body = if path.ends_with("/manifest") {
                                 let header = format!(
-                                    "{{\"version\":1,\"job\":\"from-fake\",\"run_id\":{run},\"source_agent\":\"db01\",\"export\":\"dumps\",\"taken_at\":1.0}}\n"
+                                    "{{\"version\":1,\"job\":\"from-fake\",\"run_id\":{run},\"source_agent\":\"db01\",\"export\":\"dumps\",\"taken_at\":1.0,\"files\":1}}\n"
                                 );
                                 let name = match mode {
                                     Hostile::Traversal => "../../escape.txt",
@@ -388,6 +389,10 @@ fn fake_source(d: &Deployment, port: u16, mode: std::sync::Arc<std::sync::Mutex<
                                 let mut body = (header + &entry).into_bytes();
                                 if mode == Hostile::NotUtf8 {
                                     body.extend_from_slice(b"{\"path\":\"\xff\xfe.txt\",\"size\":0}\n");
+                                }
+                                if mode == Hostile::MoreThanAnnounced {
+                                    let extra = entry.replace("ok.txt", "extra.txt");
+                                    body.extend_from_slice(extra.as_bytes());
                                 }
                                 if mode == Hostile::Oversized {
                                     body.resize(65 << 20, b' ');
@@ -413,7 +418,7 @@ fn fake_source(d: &Deployment, port: u16, mode: std::sync::Arc<std::sync::Mutex<
     let report = dicops_proto::Report {
         agent: "db01".into(),
         seq: 1,
-        instance: "fake".into(),
+        instance: format!("fake-{port}"),
         collected_at: 1.0,
         interval_seconds: 60.0,
         info: Default::default(),
@@ -446,13 +451,17 @@ fn a_lying_source_cannot_write_outside_the_root_or_publish_bad_data() {
     let _backup01 = d.start_agent("backup01");
     d.wait_agents_up(&["backup01"], Duration::from_secs(20));
     let mode = std::sync::Arc::new(std::sync::Mutex::new(Hostile::Traversal));
-    fake_source(d, s.data_port, mode.clone());
+    fake_source(d, s.data_port, "agent-db01", mode.clone());
     for (hostile, error) in [
         (Hostile::Traversal, "escapes the snapshot"),
         (Hostile::Absolute, "escapes the snapshot"),
         (Hostile::CorruptChunk, "damaged in transit"),
         (Hostile::NotUtf8, "malformed"),
         (Hostile::Oversized, "larger than"),
+        (
+            Hostile::MoreThanAnnounced,
+            "more entries than the 1 its header announced",
+        ),
     ] {
         *mode.lock().expect("mode") = hostile;
         let (code, out, _) = d.cli(&["run", "from-fake", "--follow"]);
@@ -464,6 +473,15 @@ fn a_lying_source_cannot_write_outside_the_root_or_publish_bad_data() {
             "{error}: {run:?}"
         );
     }
+    // A data port that answers with another agent's certificate is not
+    // the source the ticket names: refused before any request.
+    let impostor = free_port();
+    fake_source(d, impostor, "agent-app01", mode.clone());
+    let (code, out, _) = d.cli(&["run", "from-fake", "--follow"]);
+    assert_eq!(code, 1, "{out}");
+    let refused = d.runs("from-fake").remove(0);
+    let error = refused.error.clone().unwrap_or_default();
+    assert!(error.contains("app01") && error.contains("db01"), "{refused:?}");
     assert!(!d.path("escape.txt").exists() && !s.replicas.join("escape.txt").exists());
     assert!(!Path::new("/tmp/dicops-hostile-absolute.txt").exists());
     let snapshots = s.replicas.join("from-fake/snapshots");

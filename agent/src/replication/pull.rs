@@ -300,6 +300,18 @@ fn parse_manifest(body: &[u8]) -> Result<(ManifestHeader, Vec<ManifestEntry>), S
         let entry: ManifestEntry = serde_json::from_slice(line)
             .map_err(|e| format!("line {} of the source's manifest is malformed: {e}", i + 2))?;
         entries.push(entry);
+        if header.files.is_some_and(|n| entries.len() as u64 > n) {
+            return Err(format!(
+                "the source's manifest holds more entries than the {} its header announced",
+                header.files.unwrap_or(0)
+            ));
+        }
+    }
+    if let Some(n) = header.files.filter(|n| *n != entries.len() as u64) {
+        return Err(format!(
+            "the source's manifest holds {} entries, its header announced {n}",
+            entries.len()
+        ));
     }
     Ok((header, entries))
 }

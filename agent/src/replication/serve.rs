@@ -239,16 +239,16 @@ impl Source {
     fn build_manifest(&self, grant: &ServeGrant, root: &Path) -> Result<Vec<u8>, String> {
         let cache_file = self.cache_dir.join(format!("chunks-{}.cache", grant.export));
         let mut cache = ChunkCache::load(&cache_file);
-        let header = ManifestHeader {
+        let mut header = ManifestHeader {
             version: 1,
             job: grant.job.clone(),
             run_id: grant.run_id,
             source_agent: self.agent_id.clone(),
             export: grant.export.clone(),
             taken_at: now_unix(),
+            files: None,
         };
-        let mut body = serde_json::to_vec(&header).map_err(|e| e.to_string())?;
-        body.push(b'\n');
+        let mut body = Vec::new();
         let mut index = RunIndex {
             run_id: grant.run_id,
             root: root.to_path_buf(),
@@ -271,6 +271,11 @@ impl Source {
             body.push(b'\n');
             Ok(())
         })?;
+        // The header goes first and announces how many entries follow.
+        header.files = Some(stats.files);
+        let mut first = serde_json::to_vec(&header).map_err(|e| e.to_string())?;
+        first.push(b'\n');
+        body.splice(0..0, first);
         std::fs::create_dir_all(&self.cache_dir)
             .map_err(|e| format!("cannot create {}: {e}", self.cache_dir.display()))?;
         if let Err(e) = cache.save(&cache_file) {

@@ -1122,6 +1122,7 @@ mod tests {
             source_agent: "a1".into(),
             export: "www".into(),
             taken_at: 1.7e9,
+            files: None,
         }
     }
 

@@ -681,6 +681,9 @@ pub struct ManifestHeader {
     /// When the source started reading its tree (Unix seconds): the age of
     /// a snapshot's source state, for the replication lag.
     pub taken_at: f64,
+    /// How many entries follow: a manifest with more (or fewer) is refused.
+    #[serde(default)]
+    pub files: Option<u64>,
 }
 
 /// One regular file of a replicated tree.
