@@ -738,3 +738,59 @@ fn the_link_budget_is_shared_and_a_reload_changes_it_without_restarting_the_run(
         "the running pull took the new rate: {log}"
     );
 }
+
+#[test]
+fn verify_finds_damage_repairs_from_the_source_and_reports_what_is_lost() {
+    let s = sites(
+        "  - {name: dumps-to-dc2, source: {agent: db01, export: dumps}, destination: {agent: backup01, root: replicas}}\nverifications:\n  - {name: verify-dumps, replication: dumps-to-dc2, retries: 0}\n",
+    );
+    let a = noise(2 << 20, 51);
+    write(&s.source.join("a.dump"), &a);
+    write(&s.source.join("b.dump"), &noise(1 << 20, 52));
+    write(&s.source.join("c.txt"), b"intact\n");
+    let d = &s.d;
+    let _controller = d.start_controller();
+    let _db01 = d.start_agent("db01");
+    let _backup01 = d.start_agent("backup01");
+    d.wait_agents_up(&["db01", "backup01"], Duration::from_secs(20));
+    run_job(d, "dumps-to-dc2");
+    let (code, out, _) = d.cli(&["run", "verify-dumps", "--follow"]);
+    assert_eq!(code, 0, "a clean snapshot verifies: {out}");
+
+    // Bit rot in two files of the snapshot; the source has since deleted one.
+    let snapshot = std::fs::canonicalize(s.replicas.join("dumps-to-dc2/latest")).expect("latest");
+    for (name, at) in [("a.dump", 1_500_000usize), ("b.dump", 10usize)] {
+        let path = snapshot.join(name);
+        let mut bytes = std::fs::read(&path).expect("read");
+        bytes[at] ^= 0xff;
+        std::fs::write(&path, bytes).expect("rot");
+    }
+    std::fs::remove_file(s.source.join("b.dump")).expect("rm at the source");
+
+    let (code, out, _) = d.cli(&["run", "verify-dumps", "--follow"]);
+    assert_eq!(code, 1, "{out}");
+    let run = d.runs("verify-dumps").remove(0);
+    assert!(run.error.clone().unwrap_or_default().contains("b.dump"), "{run:?}");
+    assert!(
+        run.output_tail
+            .clone()
+            .unwrap_or_default()
+            .contains("2 damaged, 1 repaired from the source, 1 lost"),
+        "{run:?}"
+    );
+    assert_eq!(
+        std::fs::read(snapshot.join("a.dump")).expect("read"),
+        a,
+        "repaired in place"
+    );
+    let metrics = d.metrics();
+    assert_eq!(
+        sample(&metrics, "dicops_verify_errors_total", &[("job", "verify-dumps")]),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(&metrics, "dicops_verify_lost_files", &[("job", "verify-dumps")]),
+        Some(1.0)
+    );
+    promtool_check_metrics(&metrics);
+}

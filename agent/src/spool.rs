@@ -204,6 +204,7 @@ impl Spool {
                     artifacts: Vec::new(),
                     artifacts_omitted: 0,
                     replication: None,
+                    verify: None,
                 })?;
                 recovered += 1;
             } else {
@@ -246,6 +247,7 @@ mod tests {
             artifacts: Vec::new(),
             artifacts_omitted: 0,
             replication: None,
+            verify: None,
         }
     }
 

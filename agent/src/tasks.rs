@@ -210,11 +210,18 @@ impl Tasks {
             artifacts: Vec::new(),
             artifacts_omitted: 0,
             replication: None,
+            verify: None,
         };
         let name = match &task.kind {
             TaskKind::Command { name } => name,
             TaskKind::Pull(pull) => {
                 self.replicate(task, pull, cancel, &mut result).await;
+                self.forget_progress(task.run_id);
+                result.finished_at = now_unix();
+                return result;
+            }
+            TaskKind::Verify(verify) => {
+                self.verify(task, verify, cancel, &mut result).await;
                 self.forget_progress(task.run_id);
                 result.finished_at = now_unix();
                 return result;
@@ -454,6 +461,59 @@ impl Tasks {
                 tracing::warn!(run = task.run_id, error = %e, "replication failed");
                 result.error = Some(e);
             }
+        }
+    }
+
+    /// A verify run of a replication's snapshots.
+    async fn verify(
+        &self,
+        task: &Task,
+        verify: &dicops_proto::VerifyTask,
+        cancel: CancellationToken,
+        result: &mut TaskResult,
+    ) {
+        tracing::info!(run = task.run_id, job = %task.job, replication = %verify.replication, "verifying snapshots");
+        let board = self.progress.clone();
+        let run_id = task.run_id;
+        let outcome = self
+            .puller
+            .verify(&task.job, task.run_id, verify, cancel, |p| {
+                board.set(RunProgress {
+                    run_id,
+                    phase: p.phase.to_string(),
+                    bytes: None,
+                    files: None,
+                    bytes_remaining: None,
+                    message: Some(p.message),
+                    updated_at: now_unix(),
+                })
+            })
+            .await;
+        match outcome {
+            Ok(stats) => {
+                result.files = Some(stats.files);
+                result.bytes = Some(stats.bytes);
+                result.output_tail = format!(
+                    "{} snapshot(s), {} file(s), {} re-read: {} damaged, {} repaired from the source, {} lost",
+                    stats.snapshots,
+                    stats.files,
+                    dicops_core::units::format_bytes(stats.bytes),
+                    stats.damaged.len(),
+                    stats.repaired.len(),
+                    stats.lost.len()
+                );
+                if stats.lost.is_empty() {
+                    result.outcome = TaskOutcome::Succeeded;
+                } else {
+                    result.error = Some(format!(
+                        "{} file(s) differ from their manifest and could not be repaired (the source no longer has their content): {}",
+                        stats.lost.len(),
+                        stats.lost.iter().take(20).cloned().collect::<Vec<_>>().join(", ")
+                    ));
+                }
+                result.verify = Some(stats);
+            }
+            Err(e) => result.error = Some(e),
         }
     }
 

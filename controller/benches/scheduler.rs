@@ -110,6 +110,7 @@ fn main() {
                             artifacts: Vec::new(),
                             artifacts_omitted: 0,
                             replication: None,
+                            verify: None,
                         };
                         if let Err(e) = tokio::task::block_in_place(|| {
                             scheduler.record_result(&agent, &result, &metrics, Utc::now())

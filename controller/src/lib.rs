@@ -65,6 +65,7 @@ pub fn render_metrics(shared: &Shared) -> Vec<u8> {
     let jobs = shared.scheduler.job_metrics();
     replications::render(&jobs, now_unix(), &mut text);
     replications::render_audit(&audit_view(shared, &jobs), &mut text);
+    replications::render_verify(&jobs, &mut text);
     let mut out = text.into_bytes();
     shared.metrics.encode_registry(&mut out);
     shared

@@ -137,6 +137,9 @@ defs! {
     REPLICATION_UNREPLICATED_FILES = "dicops_replication_unreplicated_files", Gauge, "Files of the source's export that the newest snapshot in the other site does not hold (new or changed since), as the source audited them.";
     REPLICATION_UNREPLICATED_BYTES = "dicops_replication_unreplicated_bytes", Gauge, "Bytes of the source's export that are only in the source site.";
     REPLICATION_OLDEST_UNREPLICATED = "dicops_replication_oldest_unreplicated_timestamp_seconds", Gauge, "Modification time of the oldest file of the export that is only in the source site; absent when everything is in the other site.";
+    VERIFY_ERRORS = "dicops_verify_errors_total", Counter, "Snapshot files a verify job found different from their manifest (bit rot, tampering), repaired or not.";
+    VERIFY_LOST = "dicops_verify_lost_files", Gauge, "Files the last verify run found damaged and could not repair (the source no longer has their content).";
+    VERIFY_LAST_SUCCESS = "dicops_verify_last_success_timestamp_seconds", Gauge, "When the verify job last ran to its end with nothing lost.";
     SNAPSHOT_LAST_SIZE = "dicops_snapshot_last_size_bytes", Gauge, "Size of the newest published snapshot of the replication job.";
 }
 
@@ -161,6 +164,7 @@ pub struct Metrics {
     pub replication_bytes_sent: IntCounterVec,
     pub replication_bytes_reused: IntCounterVec,
     pub replication_files: IntCounterVec,
+    pub verify_errors: IntCounterVec,
 }
 
 fn opts(def: Def) -> Opts {
@@ -198,6 +202,7 @@ impl Metrics {
             replication_bytes_sent: IntCounterVec::new(opts(REPLICATION_BYTES_SENT), &["site", "agent", "job"])?,
             replication_bytes_reused: IntCounterVec::new(opts(REPLICATION_BYTES_REUSED), &["site", "agent", "job"])?,
             replication_files: IntCounterVec::new(opts(REPLICATION_FILES), &["site", "agent", "job"])?,
+            verify_errors: IntCounterVec::new(opts(VERIFY_ERRORS), &["site", "agent", "job"])?,
             registry,
         };
         let r = &metrics.registry;
@@ -217,6 +222,7 @@ impl Metrics {
         r.register(Box::new(metrics.replication_bytes_sent.clone()))?;
         r.register(Box::new(metrics.replication_bytes_reused.clone()))?;
         r.register(Box::new(metrics.replication_files.clone()))?;
+        r.register(Box::new(metrics.verify_errors.clone()))?;
         r.register(Box::new(metrics.job_skipped.clone()))?;
         r.register(Box::new(metrics.job_timeouts.clone()))?;
         r.register(Box::new(metrics.dispatch_delay.clone()))?;

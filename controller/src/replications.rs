@@ -137,3 +137,25 @@ pub fn render(jobs: &[JobMetrics], now: f64, out: &mut String) {
         }
     }
 }
+
+/// Verify jobs' gauges.
+pub fn render_verify(jobs: &[JobMetrics], out: &mut String) {
+    type Get = fn(&JobMetrics) -> Option<f64>;
+    let families: [(m::Def, Get); 2] = [
+        (m::VERIFY_LOST, |j| j.verify_lost.map(|n| n as f64)),
+        (m::VERIFY_LAST_SUCCESS, |j| j.last_success),
+    ];
+    let mut e = Exposition::new(out);
+    for (def, get) in families {
+        e.family(def);
+        for job in jobs.iter().filter(|j| j.kind == "verify") {
+            if let Some(value) = get(job) {
+                e.sample(
+                    def,
+                    &[("site", &job.site), ("agent", &job.agent), ("job", &job.job)],
+                    value,
+                );
+            }
+        }
+    }
+}

@@ -86,6 +86,8 @@ struct Entry {
     last_end: JobSummary,
     /// What the last successful replication run published.
     last_replication: Option<ReplicationStats>,
+    /// Files the last verify run could not repair.
+    last_verify_lost: Option<u64>,
     /// The timer's last fire as last saved.
     saved_fire: Option<DateTime<Utc>>,
 }
@@ -158,6 +160,18 @@ pub struct JobMetrics {
     pub bytes_remaining: Option<u64>,
     pub source: Option<(String, String)>,
     pub export: Option<String>,
+    /// A verify job: files its last run could not repair.
+    pub verify_lost: Option<u64>,
+}
+
+/// The source a task reads from, for its grant and data URL: replications,
+/// and verify runs that may repair. (source agent, export, URL to fill.)
+fn source_of(kind: &mut TaskKind) -> Option<(String, String, &mut String)> {
+    match kind {
+        TaskKind::Pull(p) => Some((p.source_agent.clone(), p.export.clone(), &mut p.source_url)),
+        TaskKind::Verify(v) if v.repair => Some((v.source_agent.clone(), v.export.clone(), &mut v.source_url)),
+        _ => None,
+    }
 }
 
 /// The task a job's run sends, and the pair of sites whose slot it takes:
@@ -192,6 +206,30 @@ fn task_kind(config: &ControllerConfig, job: &JobConfig, site: &str) -> (TaskKin
             };
             let source_site = config.site_of(&spec.source_agent).unwrap_or_default().to_string();
             (TaskKind::Pull(task), (source_site, site.to_string()))
+        }
+        JobKind::Verify {
+            replication,
+            sample_percent,
+            repair,
+        } => {
+            // Validation made sure the replication exists.
+            let spec = config.job(replication).and_then(|j| match &j.kind {
+                JobKind::Replication(spec) => Some(spec.as_ref()),
+                _ => None,
+            });
+            let (source_agent, export, root) = spec
+                .map(|s| (s.source_agent.clone(), s.export.clone(), s.root.clone()))
+                .unwrap_or_default();
+            let task = dicops_proto::VerifyTask {
+                replication: replication.clone(),
+                root,
+                sample_percent: *sample_percent,
+                repair: *repair,
+                source_url: String::new(),
+                source_agent,
+                export,
+            };
+            (TaskKind::Verify(task), (site.to_string(), site.to_string()))
         }
     }
 }
@@ -372,6 +410,7 @@ impl Scheduler {
                                 .last_success_replication
                                 .as_deref()
                                 .and_then(|json| serde_json::from_str(json).ok()),
+                            last_verify_lost: None,
                             last_end: summary,
                             saved_fire,
                         },
@@ -619,37 +658,32 @@ impl Scheduler {
                 waiting.push(p);
                 continue;
             }
-            if let TaskKind::Pull(pull) = &mut p.kind {
+            if let Some((source_agent, export, source_url)) = source_of(&mut p.kind) {
                 let url = self
                     .data_urls
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .get(&pull.source_agent)
+                    .get(&source_agent)
                     .cloned();
                 let Some(url) = url else {
                     refused.push((
                         p.run_id,
                         p.job.clone(),
                         format!(
-                            "source agent {} has not announced a data port: it is down, or its config lacks `data: {{listen, url}}`",
-                            pull.source_agent
+                            "source agent {source_agent} has not announced a data port: it is down, or its config lacks `data: {{listen, url}}`"
                         ),
                     ));
                     continue;
                 };
-                pull.source_url = url;
-                inner
-                    .grants
-                    .entry(pull.source_agent.clone())
-                    .or_default()
-                    .push(ServeGrant {
-                        run_id: p.run_id,
-                        job: p.job.clone(),
-                        export: pull.export.clone(),
-                        peer: p.agent.clone(),
-                        expires_at: p.deadline,
-                    });
-                woken.push(pull.source_agent.clone());
+                *source_url = url;
+                inner.grants.entry(source_agent.clone()).or_default().push(ServeGrant {
+                    run_id: p.run_id,
+                    job: p.job.clone(),
+                    export,
+                    peer: p.agent.clone(),
+                    expires_at: p.deadline,
+                });
+                woken.push(source_agent);
             }
             *inner.slots.entry(p.pair.clone()).or_default() += 1;
             if p.backup {
@@ -671,7 +705,7 @@ impl Scheduler {
                     backup: p.backup,
                     pull_limit: match &p.kind {
                         TaskKind::Pull(pull) => Some(pull.bandwidth),
-                        TaskKind::Command { .. } => None,
+                        TaskKind::Command { .. } | TaskKind::Verify(_) => None,
                     },
                 },
             );
@@ -719,7 +753,7 @@ impl Scheduler {
         match &entry.config.kind {
             JobKind::Backup { .. } => metrics.backup_runs.with_label_values(&labels).inc(),
             JobKind::Replication(_) => metrics.replication_runs.with_label_values(&labels).inc(),
-            JobKind::Command { .. } => {}
+            JobKind::Command { .. } | JobKind::Verify { .. } => {}
         }
         let end = &mut entry.last_end;
         end.last_status = Some(status.as_str().to_string());
@@ -903,6 +937,16 @@ impl Scheduler {
             result.finished_at,
             result.bytes,
         );
+        if let Some(stats) = &result.verify {
+            if let Some(entry) = inner.jobs.get_mut(&run.job) {
+                let labels = [entry.site.as_str(), entry.config.agent.as_str(), run.job.as_str()];
+                metrics
+                    .verify_errors
+                    .with_label_values(&labels)
+                    .inc_by(stats.damaged.len() as u64);
+                entry.last_verify_lost = Some(stats.lost.len() as u64);
+            }
+        }
         if let (Some(stats), TaskOutcome::Succeeded) = (&result.replication, result.outcome) {
             if let Some(entry) = inner.jobs.get_mut(&run.job) {
                 let labels = [entry.site.as_str(), entry.config.agent.as_str(), run.job.as_str()];
@@ -1069,7 +1113,7 @@ impl Scheduler {
                     running_run: e.run,
                     max_age: match &e.config.kind {
                         JobKind::Backup { max_age, .. } => Some(*max_age),
-                        JobKind::Command { .. } | JobKind::Replication(_) => None,
+                        JobKind::Command { .. } | JobKind::Replication(_) | JobKind::Verify { .. } => None,
                     },
                     command: e.config.kind.command().unwrap_or_default().to_string(),
                     last_success: e.last_success_at,
@@ -1092,6 +1136,10 @@ impl Scheduler {
                     },
                     export: match &e.config.kind {
                         JobKind::Replication(spec) => Some(spec.export.clone()),
+                        _ => None,
+                    },
+                    verify_lost: match &e.config.kind {
+                        JobKind::Verify { .. } => e.last_verify_lost,
                         _ => None,
                     },
                 }
@@ -1134,6 +1182,7 @@ mod tests {
             artifacts: Vec::new(),
             artifacts_omitted: 0,
             replication: None,
+            verify: None,
         }
     }
 

@@ -6,6 +6,7 @@ pub mod chunks;
 pub mod pull;
 pub mod serve;
 pub mod snapshot;
+pub mod verify;
 
 use dicops_core::retention::RetentionPolicy;
 use dicops_proto::KeepPolicy;

@@ -4,13 +4,15 @@
 //! chunks it does not hold, and publishes the snapshot with one rename once
 //! every file is verified.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dicops_net::{ClientError, HttpsClient, TlsReloader};
-use dicops_proto::{ApiError, ChunkRef, Identity, ManifestEntry, ManifestHeader, PullTask, ReplicationStats};
+use dicops_proto::{
+    ApiError, ChunkRef, Identity, ManifestEntry, ManifestHeader, PullTask, ReplicationStats, VerifyStats, VerifyTask,
+};
 use hyper::{Method, StatusCode};
 use tokio_util::sync::CancellationToken;
 
@@ -56,6 +58,105 @@ fn refusal(status: StatusCode, body: &[u8]) -> (String, String) {
     }
 }
 
+/// A connection to the source named in a ticket, for one run.
+struct SourceLink {
+    client: HttpsClient,
+    /// "source agent db01 at https://...", for errors.
+    name: String,
+    agent: String,
+    stall: Duration,
+    run_id: i64,
+}
+
+impl SourceLink {
+    fn new(tls: Arc<TlsReloader>, agent: &str, url: &str, stall: Duration, run_id: i64) -> Result<SourceLink, String> {
+        let name = format!("source agent {agent} at {url}");
+        let mut client =
+            HttpsClient::new(url, Identity::Agent(agent.to_string()), tls).map_err(|e| format!("{name}: {e}"))?;
+        client.request_timeout = stall;
+        Ok(SourceLink {
+            client,
+            name,
+            agent: agent.to_string(),
+            stall,
+            run_id,
+        })
+    }
+
+    /// The source's manifest of this run (waiting for its grant to arrive).
+    async fn manifest(
+        &mut self,
+        job: &str,
+        cancel: &CancellationToken,
+    ) -> Result<(ManifestHeader, Vec<ManifestEntry>), String> {
+        let path = format!("/data/v1/runs/{}/manifest", self.run_id);
+        let started = Instant::now();
+        let body = loop {
+            match self.client.request(Method::GET, &path, None).await {
+                Ok((status, body)) if status.is_success() => break body,
+                Ok((status, body)) => {
+                    let (reason, error) = refusal(status, &body);
+                    // The grant travels in the source's own poll: give it time.
+                    if reason == "no_grant" && started.elapsed() < GRANT_WAIT && !cancel.is_cancelled() {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                    return Err(format!("{} refused the manifest: {error}", self.name));
+                }
+                Err(e) => return Err(describe(&self.name, &e, self.stall)),
+            }
+        };
+        let (header, entries) = parse_manifest(&body)?;
+        if header.run_id != self.run_id || header.job != job || header.source_agent != self.agent {
+            return Err(format!(
+                "{} sent the manifest of run {} of {} from {}, not of this run",
+                self.name, header.run_id, header.job, header.source_agent
+            ));
+        }
+        Ok((header, entries))
+    }
+
+    /// Chunks, each decompressed and sized as asked (their content is
+    /// checked against their id when stored); with the bytes on the wire.
+    async fn chunks(&mut self, batch: &[ChunkRef], compress: bool) -> Result<(Vec<(String, Vec<u8>)>, u64), String> {
+        let request = ChunkRequest {
+            ids: batch.iter().map(|c| c.id.clone()).collect(),
+            compress,
+        };
+        let body = serde_json::to_vec(&request).map_err(|e| e.to_string())?;
+        let path = format!("/data/v1/runs/{}/chunks", self.run_id);
+        let answer = match self.client.request(Method::POST, &path, Some(body)).await {
+            Ok((status, body)) if status.is_success() => body,
+            Ok((status, body)) => {
+                let (_, error) = refusal(status, &body);
+                return Err(format!("{} refused chunks: {error}", self.name));
+            }
+            Err(e) => return Err(describe(&self.name, &e, self.stall)),
+        };
+        Ok((parse_frames(&answer, batch)?, answer.len() as u64))
+    }
+
+    /// Tells the source which files the other site now holds. Best effort:
+    /// the source keeps a backup a little longer if this fails.
+    async fn published(&mut self, entries: &[ManifestEntry]) {
+        let files: Vec<PublishedFile> = entries
+            .iter()
+            .map(|e| PublishedFile {
+                path: e.path.clone(),
+                blake3: e.blake3.clone(),
+            })
+            .collect();
+        let path = format!("/data/v1/runs/{}/published", self.run_id);
+        for part in files.chunks(PUBLISHED_BATCH) {
+            let Ok(body) = serde_json::to_vec(part) else { continue };
+            if let Err(e) = self.client.request(Method::POST, &path, Some(body)).await {
+                tracing::warn!(error = %e, "cannot tell the source what was published");
+                break;
+            }
+        }
+    }
+}
+
 impl Puller {
     pub async fn pull(
         &self,
@@ -74,45 +175,14 @@ impl Puller {
         };
         let tz = dicops_core::schedule::parse_timezone(&pull.timezone).unwrap_or(chrono_tz::UTC);
         let stall = Duration::from_secs(pull.stall_timeout_seconds.max(5));
-        let source = format!("source agent {} at {}", pull.source_agent, pull.source_url);
-        let mut client = HttpsClient::new(
-            &pull.source_url,
-            Identity::Agent(pull.source_agent.clone()),
-            self.tls.clone(),
-        )
-        .map_err(|e| format!("{source}: {e}"))?;
-        client.request_timeout = stall;
-
+        let mut link = SourceLink::new(self.tls.clone(), &pull.source_agent, &pull.source_url, stall, run_id)?;
         progress(Progress {
             phase: "manifest",
             bytes: 0,
             remaining: 0,
             message: format!("reading the tree of {}", pull.source_agent),
         });
-        let path = format!("/data/v1/runs/{run_id}/manifest");
-        let started = Instant::now();
-        let body = loop {
-            match client.request(Method::GET, &path, None).await {
-                Ok((status, body)) if status.is_success() => break body,
-                Ok((status, body)) => {
-                    let (reason, error) = refusal(status, &body);
-                    // The grant travels in the source's own poll: give it time.
-                    if reason == "no_grant" && started.elapsed() < GRANT_WAIT && !cancel.is_cancelled() {
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                        continue;
-                    }
-                    return Err(format!("{source} refused the manifest: {error}"));
-                }
-                Err(e) => return Err(describe(&source, &e, stall)),
-            }
-        };
-        let (header, entries) = parse_manifest(&body)?;
-        if header.run_id != run_id || header.job != job || header.source_agent != pull.source_agent {
-            return Err(format!(
-                "{source} sent the manifest of run {} of {} from {}, not of this run",
-                header.run_id, header.job, header.source_agent
-            ));
-        }
+        let (header, entries) = link.manifest(job, &cancel).await?;
         let store = {
             let (root, job) = (root.clone(), job.to_string());
             Arc::new(blocking(move || JobStore::open(&root, &job)).await?)
@@ -159,24 +229,8 @@ impl Puller {
                     dicops_core::units::format_bytes(total_missing)
                 ),
             });
-            let request = ChunkRequest {
-                ids: batch.iter().map(|c| c.id.clone()).collect(),
-                compress: pull.compress,
-            };
-            let body = serde_json::to_vec(&request).map_err(|e| e.to_string())?;
-            let answer = match client
-                .request(Method::POST, &format!("/data/v1/runs/{run_id}/chunks"), Some(body))
-                .await
-            {
-                Ok((status, body)) if status.is_success() => body,
-                Ok((status, body)) => {
-                    let (_, error) = refusal(status, &body);
-                    return Err(format!("{source} refused chunks: {error}"));
-                }
-                Err(e) => return Err(describe(&source, &e, stall)),
-            };
-            on_wire += answer.len() as u64;
-            let chunks = parse_frames(&answer, batch)?;
+            let (chunks, wire) = link.chunks(batch, pull.compress).await?;
+            on_wire += wire;
             for (id, bytes) in chunks {
                 fetched += bytes.len() as u64;
                 let store = store.clone();
@@ -213,11 +267,14 @@ impl Puller {
             blocking(move || verify(&dir, &entries)).await?;
         }
         let retention = super::snapshot_retention(&pull.retention);
+        let job_dir = root.join(job);
         let snapshots = {
             let store = store.clone();
             let keep = published.name.clone();
             blocking(move || {
-                let deleted = store.apply_retention(&retention, tz, &[keep])?;
+                let mut in_use = super::verify::in_use(&job_dir);
+                in_use.push(keep);
+                let deleted = store.apply_retention(&retention, tz, &in_use)?;
                 if !deleted.is_empty() {
                     tracing::info!(deleted = ?deleted, "snapshots deleted by retention");
                 }
@@ -225,25 +282,7 @@ impl Puller {
             })
             .await?
         };
-        // Tell the source which files the other site now holds. Best
-        // effort: the source keeps a backup a little longer if this fails.
-        let files: Vec<PublishedFile> = entries
-            .iter()
-            .map(|e| PublishedFile {
-                path: e.path.clone(),
-                blake3: e.blake3.clone(),
-            })
-            .collect();
-        for part in files.chunks(PUBLISHED_BATCH) {
-            let Ok(body) = serde_json::to_vec(part) else { continue };
-            if let Err(e) = client
-                .request(Method::POST, &format!("/data/v1/runs/{run_id}/published"), Some(body))
-                .await
-            {
-                tracing::warn!(error = %e, "cannot tell the source what was published");
-                break;
-            }
-        }
+        link.published(&entries).await;
         let bytes: u64 = entries.iter().map(|e| e.size).sum();
         Ok(ReplicationStats {
             snapshot: published.name,
@@ -256,6 +295,137 @@ impl Puller {
             bytes_on_wire: on_wire,
             snapshots: snapshots.len() as u64,
         })
+    }
+}
+
+impl Puller {
+    /// A verify run: the replication's snapshots re-read against their
+    /// manifests; damaged chunks fetched again from the source when it
+    /// still has them and written back; what cannot be repaired is lost.
+    pub async fn verify(
+        &self,
+        job: &str,
+        run_id: i64,
+        task: &VerifyTask,
+        cancel: CancellationToken,
+        progress: impl Fn(Progress),
+    ) -> Result<VerifyStats, String> {
+        let Some(root) = self.roots.get(&task.root).cloned() else {
+            return Err(format!(
+                "root {:?} is not in the `roots:` of this agent's config ({})",
+                task.root, self.config_file
+            ));
+        };
+        let job_dir = root.join(&task.replication);
+        if !job_dir.join("snapshots").is_dir() {
+            return Err(format!(
+                "no snapshot of {} under {} yet: nothing to verify",
+                task.replication,
+                root.display()
+            ));
+        }
+        progress(Progress {
+            phase: "verifying",
+            bytes: 0,
+            remaining: 0,
+            message: format!("re-reading the snapshots of {}", task.replication),
+        });
+        let marker = super::verify::marker(&job_dir, run_id);
+        let checked = {
+            let (dir, marker, percent) = (job_dir.clone(), marker.clone(), task.sample_percent);
+            blocking(move || {
+                super::verify::check(&dir, run_id, percent, |name| {
+                    let _ = std::fs::write(&marker, name);
+                })
+            })
+            .await
+        };
+        let _ = std::fs::remove_file(&marker);
+        let checked = checked?;
+        let mut stats = VerifyStats {
+            snapshots: checked.snapshots,
+            files: checked.files,
+            bytes: checked.bytes,
+            damaged: checked.damaged.iter().map(|d| d.shown.clone()).collect(),
+            ..VerifyStats::default()
+        };
+        if checked.damaged.is_empty() {
+            return Ok(stats);
+        }
+        tracing::warn!(run = run_id, damaged = ?stats.damaged, "snapshot files differ from their manifests");
+        let mut fetched: HashMap<String, Vec<u8>> = HashMap::new();
+        if task.repair {
+            progress(Progress {
+                phase: "repairing",
+                bytes: 0,
+                remaining: 0,
+                message: format!(
+                    "{} damaged file(s): asking {} for their chunks",
+                    checked.damaged.len(),
+                    task.source_agent
+                ),
+            });
+            match self
+                .fetch_for_repair(job, run_id, task, &checked.damaged, &cancel)
+                .await
+            {
+                Ok(chunks) => fetched = chunks,
+                Err(e) => tracing::warn!(run = run_id, error = %e, "cannot fetch chunks to repair from the source"),
+            }
+        }
+        for damage in checked.damaged {
+            let complete = damage.chunks.iter().all(|(_, c)| fetched.contains_key(&c.id));
+            let repaired = complete && {
+                let (damage, chunks) = (damage.clone(), fetched.clone());
+                blocking(move || super::verify::repair(&damage, &chunks)).await.is_ok()
+            };
+            if repaired {
+                stats.repaired.push(damage.shown);
+            } else {
+                stats.lost.push(damage.shown);
+            }
+        }
+        Ok(stats)
+    }
+
+    /// The chunks the damaged files need, among those the source still has.
+    async fn fetch_for_repair(
+        &self,
+        job: &str,
+        run_id: i64,
+        task: &VerifyTask,
+        damaged: &[super::verify::Damage],
+        cancel: &CancellationToken,
+    ) -> Result<HashMap<String, Vec<u8>>, String> {
+        let mut link = SourceLink::new(
+            self.tls.clone(),
+            &task.source_agent,
+            &task.source_url,
+            Duration::from_secs(60),
+            run_id,
+        )?;
+        let (_, entries) = link.manifest(job, cancel).await?;
+        let at_source: HashSet<&str> = entries
+            .iter()
+            .flat_map(|e| e.chunks.iter().map(|c| c.id.as_str()))
+            .collect();
+        let mut wanted: Vec<ChunkRef> = Vec::new();
+        for (_, chunk) in damaged.iter().flat_map(|d| d.chunks.iter()) {
+            if at_source.contains(chunk.id.as_str()) && !wanted.iter().any(|w| w.id == chunk.id) {
+                wanted.push(chunk.clone());
+            }
+        }
+        let mut fetched = HashMap::new();
+        for batch in batches(&wanted, BATCH_BYTES) {
+            let (chunks, _) = link.chunks(batch, true).await?;
+            for (id, bytes) in chunks {
+                // A repair must not write bytes that are not what the id says.
+                if blake3::hash(&bytes).to_hex().as_str() == id {
+                    fetched.insert(id, bytes);
+                }
+            }
+        }
+        Ok(fetched)
     }
 }
 

@@ -352,7 +352,7 @@ fn create_dir(path: &Path) -> Result<(), String> {
 }
 
 /// Reads a manifest line by line, checking each entry as a new one would be.
-fn read_manifest(path: &Path) -> Result<(ManifestHeader, Vec<ManifestEntry>), String> {
+pub(crate) fn read_manifest(path: &Path) -> Result<(ManifestHeader, Vec<ManifestEntry>), String> {
     let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     let mut lines = BufReader::new(file).lines();
     let first = lines

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::jobs::{validate_jobs, JobConfig, RawBackup, RawJob, RawReplication, WatchBackup};
+use crate::jobs::{validate_jobs, JobConfig, RawBackup, RawJob, RawReplication, RawVerify, WatchBackup};
 use crate::{decode, read, Checker, ConfigError, RawTls, TlsFiles};
 
 /// The validated controller config.
@@ -124,6 +124,8 @@ struct RawController {
     backups: Vec<RawBackup>,
     #[serde(default)]
     replications: Vec<RawReplication>,
+    #[serde(default)]
+    verifications: Vec<RawVerify>,
     #[serde(default)]
     links: Vec<RawLink>,
 }
@@ -278,7 +280,14 @@ fn validate(path: &Path, text: &str, raw: RawController, check_files: bool) -> R
     }
     let agent_sites: HashMap<&str, &str> = raw.agents.iter().map(|a| (a.id.as_str(), a.site.as_str())).collect();
     let links = validate_links(&mut check, &raw.links, &site_index);
-    let (jobs, watched_backups) = validate_jobs(&mut check, raw.jobs, raw.backups, raw.replications, &agent_sites);
+    let (jobs, watched_backups) = validate_jobs(
+        &mut check,
+        raw.jobs,
+        raw.backups,
+        raw.replications,
+        raw.verifications,
+        &agent_sites,
+    );
 
     let config = ControllerConfig {
         timezone,

@@ -35,6 +35,13 @@ pub enum JobKind {
     /// A pull of a source agent's exported folder into a snapshot under a
     /// root of the job's agent (the destination), in another site.
     Replication(Box<ReplicationSpec>),
+    /// Re-reading the snapshots of replication job `replication` at its
+    /// destination (the job's agent).
+    Verify {
+        replication: String,
+        sample_percent: u32,
+        repair: bool,
+    },
 }
 
 /// What a replication job copies, where to, and how.
@@ -71,6 +78,7 @@ impl JobKind {
             JobKind::Command { .. } => "command",
             JobKind::Backup { .. } => "backup",
             JobKind::Replication(_) => "replication",
+            JobKind::Verify { .. } => "verify",
         }
     }
 
@@ -78,7 +86,7 @@ impl JobKind {
     pub fn command(&self) -> Option<&str> {
         match self {
             JobKind::Command { command } | JobKind::Backup { command, .. } => Some(command),
-            JobKind::Replication(_) => None,
+            JobKind::Replication(_) | JobKind::Verify { .. } => None,
         }
     }
 
@@ -148,6 +156,16 @@ raw_with_policy!(
         agent: String,
         command: String,
         ;
+    }
+);
+
+raw_with_policy!(
+    /// A verify job: re-reads a replication's snapshots at its destination.
+    RawVerify {
+        replication: String,
+        ;
+        sample: Option<String>,
+        repair: Option<bool>,
     }
 );
 
@@ -316,6 +334,7 @@ pub(crate) fn validate_jobs(
     raw_jobs: Vec<RawJob>,
     raw_backups: Vec<RawBackup>,
     raw_replications: Vec<RawReplication>,
+    raw_verifications: Vec<RawVerify>,
     agents: &HashMap<&str, &str>,
 ) -> (Vec<JobConfig>, Vec<WatchBackup>) {
     let mut seen: HashMap<String, String> = HashMap::new();
@@ -407,6 +426,44 @@ pub(crate) fn validate_jobs(
         if let Some(job) = validate_replication(check, &mut seen, &at, raw, agents) {
             jobs.push(job);
         }
+    }
+    for (i, raw) in raw_verifications.into_iter().enumerate() {
+        let at = |field: &str| format!("verifications[{i}].{field}");
+        let destination = jobs.iter().find_map(|j| match &j.kind {
+            JobKind::Replication(_) if j.name == raw.replication => Some(j.agent.clone()),
+            _ => None,
+        });
+        let Some(destination) = destination else {
+            check.problem(
+                &at("replication"),
+                format!("{:?} is not a replication job under `replications:`", raw.replication),
+            );
+            continue;
+        };
+        check_name_and_agent(check, &mut seen, &at, &raw.name, &destination, agents);
+        let sample_percent = match raw.sample.as_deref() {
+            None => 100,
+            Some(text) => match text.strip_suffix('%').and_then(|p| p.trim().parse::<u32>().ok()) {
+                Some(p) if (1..=100).contains(&p) => p,
+                _ => {
+                    check.problem(&at("sample"), format!("{text:?} is not a percentage from 1% to 100%"));
+                    100
+                }
+            },
+        };
+        let schedule = validate_schedule(check, &at("schedule"), &raw.name, raw.schedule.as_deref());
+        let policy = validate_policy(check, &at, &raw.policy_fields());
+        jobs.push(JobConfig {
+            name: raw.name,
+            agent: destination,
+            kind: JobKind::Verify {
+                replication: raw.replication,
+                sample_percent,
+                repair: raw.repair.unwrap_or(true),
+            },
+            schedule,
+            policy,
+        });
     }
     (jobs, watches)
 }

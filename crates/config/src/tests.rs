@@ -367,3 +367,31 @@ fn links_have_a_budget_with_time_windows() {
         "{err}"
     );
 }
+
+#[test]
+fn verifications_name_a_replication_and_run_at_its_destination() {
+    let config = controller(&format!(
+        "{TWO_SITES}replications:\n  - {{name: r, source: {{agent: db01, export: pg}}, destination: {{agent: backup01, root: x}}}}\nverifications:\n  - {{name: v, replication: r, sample: 10%, schedule: \"@weekly\"}}\n"
+    ))
+    .expect("valid");
+    let v = config.job("v").expect("verify job");
+    assert_eq!(v.agent, "backup01");
+    assert_eq!(
+        v.kind,
+        JobKind::Verify {
+            replication: "r".into(),
+            sample_percent: 10,
+            repair: true
+        }
+    );
+    let err = message(
+        controller(&format!(
+            "{TWO_SITES}verifications:\n  - {{name: v, replication: nope, sample: 0%}}\n"
+        ))
+        .expect_err("invalid"),
+    );
+    assert!(
+        err.contains("verifications[0].replication: \"nope\" is not a replication job"),
+        "{err}"
+    );
+}

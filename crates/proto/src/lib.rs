@@ -354,6 +354,36 @@ pub enum TaskKind {
     /// Pull a source agent's export into a snapshot under one of this
     /// agent's roots.
     Pull(PullTask),
+    /// Re-read the snapshots of a replication job against their manifests.
+    Verify(VerifyTask),
+}
+
+/// A verify run at the destination of replication job `replication`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyTask {
+    pub replication: String,
+    pub root: String,
+    /// Share of each snapshot's files to re-read, 1 to 100.
+    pub sample_percent: u32,
+    /// Fetch damaged chunks again from the source.
+    pub repair: bool,
+    pub source_agent: String,
+    /// Filled in at hand-over when `repair` is set.
+    pub source_url: String,
+    pub export: String,
+}
+
+/// What a verify run found.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VerifyStats {
+    pub snapshots: u64,
+    pub files: u64,
+    pub bytes: u64,
+    /// `SNAPSHOT/PATH` of every file that differed from its manifest,
+    /// of those repaired from the source, and of those that could not be.
+    pub damaged: Vec<String>,
+    pub repaired: Vec<String>,
+    pub lost: Vec<String>,
 }
 
 /// One replication run, as the destination agent gets it: a one-run ticket
@@ -480,6 +510,8 @@ pub struct TaskResult {
     pub artifacts_omitted: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replication: Option<ReplicationStats>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<VerifyStats>,
 }
 
 fn is_zero(n: &u64) -> bool {
