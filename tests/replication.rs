@@ -27,6 +27,15 @@ fn write(path: &Path, bytes: &[u8]) {
     std::fs::write(path, bytes).expect("write");
 }
 
+/// Writes a file as a backup tool would have an hour ago: the source
+/// trusts its chunk cache only for files not modified in the last seconds.
+fn write_old(path: &Path, bytes: &[u8]) {
+    write(path, bytes);
+    let file = std::fs::File::options().write(true).open(path).expect("open");
+    file.set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
+        .expect("mtime");
+}
+
 /// Every regular file under `dir`, relative, sorted, with its content.
 fn tree(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
@@ -94,9 +103,9 @@ fn snapshots_are_published_whole_and_later_runs_send_only_what_changed() {
         "  - {name: dumps-to-dc2, source: {agent: db01, export: dumps}, destination: {agent: backup01, root: replicas}, max_lag: 1h, retention: {keep_last: 2}}\n",
     );
     let dump = noise(2 << 20, 7);
-    write(&s.source.join("2026-11-27/db.dump"), &dump);
+    write_old(&s.source.join("2026-11-27/db.dump"), &dump);
     for i in 0..40 {
-        write(
+        write_old(
             &s.source.join(format!("conf/file-{i:02}.txt")),
             format!("setting {i}\n").as_bytes(),
         );
@@ -131,7 +140,7 @@ fn snapshots_are_published_whole_and_later_runs_send_only_what_changed() {
     for byte in &mut next[1 << 20..(1 << 20) + (100 << 10)] {
         *byte = byte.wrapping_add(1);
     }
-    write(&s.source.join("2026-11-28/db.dump"), &next);
+    write_old(&s.source.join("2026-11-28/db.dump"), &next);
     let second = run_job(d, "dumps-to-dc2");
     let wire_second = second.bytes.expect("bytes");
     assert!(
@@ -152,6 +161,14 @@ fn snapshots_are_published_whole_and_later_runs_send_only_what_changed() {
     // Nothing changed: nothing crosses; keep_last 2 drops the first snapshot.
     let third = run_job(d, "dumps-to-dc2");
     assert_eq!(third.bytes, Some(0), "{third:?}");
+    // And the source did not read its unchanged tree again: chunk lists
+    // came from its cache.
+    let source_log = std::fs::read_to_string(d.path("agent-db01.log")).expect("log");
+    let last = source_log
+        .lines()
+        .rfind(|l| l.contains("manifest built"))
+        .expect("manifest log");
+    assert!(last.contains(" read=0 ") && last.contains("cache_hits=42"), "{last}");
     let names: Vec<String> = std::fs::read_dir(job_dir.join("snapshots"))
         .expect("snapshots")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
@@ -793,4 +810,32 @@ fn verify_finds_damage_repairs_from_the_source_and_reports_what_is_lost() {
         Some(1.0)
     );
     promtool_check_metrics(&metrics);
+}
+
+#[test]
+fn chunks_travel_compressed_when_that_pays() {
+    let s = sites(
+        "  - {name: zstd, source: {agent: db01, export: dumps}, destination: {agent: backup01, root: replicas}}\n  - {name: raw, source: {agent: db01, export: dumps}, destination: {agent: backup01, root: replicas}, compression: none}\n",
+    );
+    let rows: String = (0..40_000)
+        .map(|i| format!("{i}\tcustomer-{:05}\tpaid\t2026-11-27\n", i % 9000))
+        .collect();
+    write(&s.source.join("orders.sql"), rows.as_bytes());
+    let d = &s.d;
+    let _controller = d.start_controller();
+    let _db01 = d.start_agent("db01");
+    let _backup01 = d.start_agent("backup01");
+    d.wait_agents_up(&["db01", "backup01"], Duration::from_secs(20));
+    let size = rows.len() as u64;
+    let compressed = run_job(d, "zstd").bytes.expect("bytes");
+    let raw = run_job(d, "raw").bytes.expect("bytes");
+    assert!(
+        compressed < size / 3,
+        "{compressed} bytes on the wire for {size} bytes of SQL rows"
+    );
+    assert!(raw >= size, "compression: none sends {raw} bytes for {size}");
+    for job in ["zstd", "raw"] {
+        let latest = std::fs::canonicalize(s.replicas.join(job).join("latest")).expect("latest");
+        assert_eq!(std::fs::read(latest.join("orders.sql")).expect("read"), rows.as_bytes());
+    }
 }
