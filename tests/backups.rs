@@ -440,7 +440,7 @@ fn an_agent_killed_mid_backup_records_the_run_interrupted_never_succeeded() {
     let _db01 = d.start_agent("db01");
     let done = wait_until(Duration::from_secs(30), "run ended", || {
         let r = d.run(id);
-        (r.status != "running").then_some(r)
+        (!matches!(r.status.as_str(), "queued" | "running")).then_some(r)
     });
     assert_eq!(done.status, "interrupted", "{done:?}");
     assert!(done.error.unwrap_or_default().contains("not counted as a success"));
@@ -490,7 +490,7 @@ fn a_backup_that_ends_while_the_controller_is_down_is_recorded_once_later() {
     let _controller = d.start_controller();
     let done = wait_until(Duration::from_secs(60), "result delivered", || {
         let r = d.run(id);
-        (r.status != "running").then_some(r)
+        (!matches!(r.status.as_str(), "queued" | "running")).then_some(r)
     });
     assert_eq!(done.status, "succeeded", "{done:?}");
     assert_eq!(done.bytes, Some(200_000));

@@ -290,7 +290,7 @@ fn agents_refuse_what_their_own_config_does_not_allow() {
     // The bandwidth limit holds: 3 MiB at 256 KiB/s takes about 12 s.
     let done = wait_until(Duration::from_secs(60), "slow run done", || {
         let r = d.run(id);
-        (r.status != "running").then_some(r)
+        (!matches!(r.status.as_str(), "queued" | "running")).then_some(r)
     });
     assert_eq!(done.status, "succeeded", "{done:?}");
     let took = done.finished_at.expect("end") - done.started_at.expect("start");
@@ -321,7 +321,7 @@ fn a_stalled_transfer_is_aborted_and_its_retry_resumes_without_resending() {
     db01.signal("STOP");
     let failed = wait_until(Duration::from_secs(30), "stall detected", || {
         let r = d.run(first.id);
-        (r.status != "running").then_some(r)
+        (!matches!(r.status.as_str(), "queued" | "running")).then_some(r)
     });
     db01.signal("CONT");
     assert_eq!(failed.status, "failed");
@@ -684,7 +684,7 @@ fn a_file_changing_during_the_transfer_is_never_published_torn() {
     std::fs::write(s.source.join("live.dump"), &rewritten).expect("rewrite");
     let first = wait_until(Duration::from_secs(30), "first attempt ended", || {
         let r = d.run(id);
-        (r.status != "running").then_some(r)
+        (!matches!(r.status.as_str(), "queued" | "running")).then_some(r)
     });
     assert_eq!(first.status, "failed", "{first:?}");
     assert!(
@@ -746,7 +746,7 @@ fn the_link_budget_is_shared_and_a_reload_changes_it_without_restarting_the_run(
     assert_eq!(code, 0, "{out}{err}");
     let done = wait_until(Duration::from_secs(60), "run ended", || {
         let r = d.run(id);
-        (r.status != "running").then_some(r)
+        (!matches!(r.status.as_str(), "queued" | "running")).then_some(r)
     });
     assert_eq!(done.status, "succeeded", "{done:?}");
     let log = std::fs::read_to_string(d.path("agent-backup01.log")).expect("log");

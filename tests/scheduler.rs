@@ -210,7 +210,7 @@ fn a_controller_crash_keeps_the_open_run_and_catches_up_once_after_it() {
     // The run is followed, not failed: its result arrives from the spool.
     let done = wait_until(Duration::from_secs(60), "the open run's result", || {
         let r = run(&d, first.id);
-        (r.status != "running").then_some(r)
+        (!matches!(r.status.as_str(), "queued" | "running")).then_some(r)
     });
     assert_eq!(done.status, "succeeded", "{done:?}");
     assert!(done.finished_at.unwrap_or(0.0) >= restarted_at - 1.0);
@@ -262,7 +262,7 @@ fn a_result_held_by_a_killed_agent_arrives_exactly_once() {
     let _db01 = d.start_agent("db01");
     let done = wait_until(Duration::from_secs(30), "result delivered after restart", || {
         let r = run(&d, id);
-        (r.status != "running").then_some(r)
+        (!matches!(r.status.as_str(), "queued" | "running")).then_some(r)
     });
     assert_eq!(done.status, "succeeded");
     wait_until(Duration::from_secs(10), "spool emptied", || {
@@ -309,7 +309,7 @@ fn an_agent_killed_mid_run_reports_the_run_interrupted() {
     let _db01 = d.start_agent("db01");
     let done = wait_until(Duration::from_secs(30), "interrupted run recorded", || {
         let r = run(&d, id);
-        (r.status != "running").then_some(r)
+        (!matches!(r.status.as_str(), "queued" | "running")).then_some(r)
     });
     // Stored by the agent before it died: "interrupted"; killed before it
     // stored the task: "lost". Either way a clear reason, right away.
@@ -405,7 +405,7 @@ fn reload_while_jobs_run_applies_a_valid_config_and_refuses_a_broken_one() {
     );
     let done = wait_until(Duration::from_secs(15), "run finished", || {
         let r = run(&d, id);
-        (r.status != "running").then_some(r)
+        (!matches!(r.status.as_str(), "queued" | "running")).then_some(r)
     });
     assert_eq!(done.status, "succeeded");
     assert_eq!(runs(&d, "nap").len(), 1);

@@ -183,13 +183,16 @@ impl Puller {
             message: format!("reading the tree of {}", pull.source_agent),
         });
         let (header, entries) = link.manifest(job, &cancel).await?;
+        // Shared, not copied, with the blocking tasks: a manifest of a large
+        // tree is the biggest thing a pull holds.
+        let (header, entries) = (Arc::new(header), Arc::new(entries));
         let store = {
             let (root, job) = (root.clone(), job.to_string());
             Arc::new(blocking(move || JobStore::open(&root, &job)).await?)
         };
         let plan = {
             let (store, header, entries) = (store.clone(), header.clone(), entries.clone());
-            blocking(move || store.plan(&header, &entries)).await?
+            blocking(move || store.plan(&header, &entries[..])).await?
         };
         let total_missing = plan.bytes_missing;
         tracing::info!(
@@ -253,7 +256,7 @@ impl Puller {
         });
         let published = {
             let (store, header, entries) = (store.clone(), header.clone(), entries.clone());
-            blocking(move || store.publish(&header, &entries, &plan)).await?
+            blocking(move || store.publish(&header, &entries[..], &plan)).await?
         };
         if pull.verify {
             progress(Progress {
