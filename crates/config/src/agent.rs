@@ -5,7 +5,7 @@ use std::time::Duration;
 use dicops_core::retention::RetentionPolicy;
 use serde::Deserialize;
 
-use crate::{decode, read, Checker, ConfigError, RawTls, TlsFiles};
+use crate::{decode, read, Checker, ConfigError, RawKeep, RawTls, TlsFiles};
 
 /// The validated agent config.
 #[derive(Debug, Clone, PartialEq)]
@@ -183,25 +183,6 @@ struct RawWatch {
     glob: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRetention {
-    #[serde(default)]
-    keep_last: u32,
-    #[serde(default)]
-    keep_hourly: u32,
-    #[serde(default)]
-    keep_daily: u32,
-    #[serde(default)]
-    keep_weekly: u32,
-    #[serde(default)]
-    keep_monthly: u32,
-    #[serde(default)]
-    keep_yearly: u32,
-    #[serde(default)]
-    wait_for_replication: Option<bool>,
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawCommand {
@@ -219,7 +200,7 @@ struct RawCommand {
     #[serde(default)]
     min_free: Option<String>,
     #[serde(default)]
-    retention: Option<RawRetention>,
+    retention: Option<RawKeep>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -483,16 +464,7 @@ fn validate_output(check: &mut Checker<'_>, field: &str, command: &RawCommand) -
         },
     };
     let raw = command.retention.as_ref();
-    let retention = raw
-        .map(|r| RetentionPolicy {
-            keep_last: r.keep_last,
-            keep_hourly: r.keep_hourly,
-            keep_daily: r.keep_daily,
-            keep_weekly: r.keep_weekly,
-            keep_monthly: r.keep_monthly,
-            keep_yearly: r.keep_yearly,
-        })
-        .unwrap_or_default();
+    let retention = raw.map(RawKeep::policy).unwrap_or_default();
     Some(OutputConfig {
         dir: PathBuf::from(dir),
         min_free,

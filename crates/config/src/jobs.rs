@@ -10,7 +10,7 @@ use dicops_core::retention::RetentionPolicy;
 use dicops_core::schedule::Schedule;
 use serde::Deserialize;
 
-use crate::Checker;
+use crate::{Checker, RawKeep};
 
 /// A validated job.
 #[derive(Debug, Clone, PartialEq)]
@@ -177,7 +177,7 @@ raw_with_policy!(
         source: Option<RawSource>,
         destination: Option<RawDestination>,
         max_lag: Option<String>,
-        retention: Option<RawSnapshotRetention>,
+        retention: Option<RawKeep>,
         bandwidth: Option<String>,
         compression: Option<String>,
         verify: Option<bool>,
@@ -197,23 +197,6 @@ pub(crate) struct RawSource {
 pub(crate) struct RawDestination {
     agent: String,
     root: String,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawSnapshotRetention {
-    #[serde(default)]
-    keep_last: u32,
-    #[serde(default)]
-    keep_hourly: u32,
-    #[serde(default)]
-    keep_daily: u32,
-    #[serde(default)]
-    keep_weekly: u32,
-    #[serde(default)]
-    keep_monthly: u32,
-    #[serde(default)]
-    keep_yearly: u32,
 }
 
 raw_with_policy!(
@@ -529,18 +512,13 @@ fn validate_replication(
         let per_second = text.strip_suffix("/s").unwrap_or(text);
         check.bytes(&at("bandwidth"), Some(per_second), u64::MAX)
     });
-    let retention = raw
-        .retention
-        .as_ref()
-        .map(|r| RetentionPolicy {
-            keep_last: r.keep_last,
-            keep_hourly: r.keep_hourly,
-            keep_daily: r.keep_daily,
-            keep_weekly: r.keep_weekly,
-            keep_monthly: r.keep_monthly,
-            keep_yearly: r.keep_yearly,
-        })
-        .unwrap_or_default();
+    if raw.retention.as_ref().is_some_and(|r| r.wait_for_replication.is_some()) {
+        check.problem(
+            &at("retention.wait_for_replication"),
+            "applies to backups kept on an agent, not to snapshots in the other site",
+        );
+    }
+    let retention = raw.retention.as_ref().map(RawKeep::policy).unwrap_or_default();
     let stall_timeout = check.duration(
         &at("stall_timeout"),
         raw.stall_timeout.as_deref(),

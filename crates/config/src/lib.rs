@@ -47,6 +47,41 @@ struct RawTls {
     reload_interval: Option<String>,
 }
 
+/// A retention policy as written (`retention:` of a backup command or of
+/// a replication).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeep {
+    #[serde(default)]
+    keep_last: u32,
+    #[serde(default)]
+    keep_hourly: u32,
+    #[serde(default)]
+    keep_daily: u32,
+    #[serde(default)]
+    keep_weekly: u32,
+    #[serde(default)]
+    keep_monthly: u32,
+    #[serde(default)]
+    keep_yearly: u32,
+    /// Backups only: never delete what the other site does not hold yet.
+    #[serde(default)]
+    wait_for_replication: Option<bool>,
+}
+
+impl RawKeep {
+    fn policy(&self) -> dicops_core::retention::RetentionPolicy {
+        dicops_core::retention::RetentionPolicy {
+            keep_last: self.keep_last,
+            keep_hourly: self.keep_hourly,
+            keep_daily: self.keep_daily,
+            keep_weekly: self.keep_weekly,
+            keep_monthly: self.keep_monthly,
+            keep_yearly: self.keep_yearly,
+        }
+    }
+}
+
 /// Which kind of config a file holds, told from its top-level keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConfigKind {
