@@ -573,23 +573,7 @@ impl Scheduler {
         let refused = self.promote(&mut inner, metrics, now);
         let mut follow_ups = Vec::new();
         for (run, job, error) in refused {
-            let end = RunEnd {
-                error: Some(error.clone()),
-                ..RunEnd::default()
-            };
-            if self.store.finish_run(run, RunStatus::Failed, &end, to_unix(now))? {
-                tracing::warn!(%job, run, %error, "run cannot start");
-                Self::note_end(
-                    &mut inner,
-                    metrics,
-                    &job,
-                    RunStatus::Failed,
-                    Some(&error),
-                    None,
-                    to_unix(now),
-                    None,
-                );
-            }
+            self.fail_run(&mut inner, metrics, run, &job, &error, now)?;
             if let Some(action) = Self::end_run(&mut inner, &job, run, Outcome::Failed, None, random, now) {
                 follow_ups.push((job, action));
             }
@@ -732,6 +716,36 @@ impl Scheduler {
         self.waiter(agent).notify_one();
     }
 
+    /// Records a run as failed with `error` (once), counted and remembered.
+    fn fail_run(
+        &self,
+        inner: &mut Inner,
+        metrics: &Metrics,
+        run: i64,
+        job: &str,
+        error: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let end = RunEnd {
+            error: Some(error.to_string()),
+            ..RunEnd::default()
+        };
+        if self.store.finish_run(run, RunStatus::Failed, &end, to_unix(now))? {
+            tracing::warn!(%job, run, %error, "run failed");
+            Self::note_end(
+                inner,
+                metrics,
+                job,
+                RunStatus::Failed,
+                Some(error),
+                None,
+                to_unix(now),
+                None,
+            );
+        }
+        Ok(())
+    }
+
     /// Counts a run's end and remembers it for the job's metrics. Call
     /// before `end_run` (which forgets when the run started).
     #[allow(clippy::too_many_arguments)]
@@ -838,23 +852,7 @@ impl Scheduler {
         let mut actions = Vec::new();
         for (run, job) in lost {
             let error = format!("agent {agent} does not hold this run: the task was lost before the agent stored it (an agent crash or restart, a dropped connection, or a controller restart before the hand-over)");
-            let end = RunEnd {
-                error: Some(error.clone()),
-                ..RunEnd::default()
-            };
-            if self.store.finish_run(run, RunStatus::Failed, &end, to_unix(now))? {
-                tracing::warn!(%job, run, %error, "run lost");
-                Self::note_end(
-                    &mut inner,
-                    metrics,
-                    &job,
-                    RunStatus::Failed,
-                    Some(&error),
-                    None,
-                    to_unix(now),
-                    None,
-                );
-            }
+            self.fail_run(&mut inner, metrics, run, &job, &error, now)?;
             if let Some(action) = Self::end_run(&mut inner, &job, run, Outcome::Failed, None, random_unit(), now) {
                 actions.push((job, action));
             }
