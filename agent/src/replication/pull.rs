@@ -213,6 +213,7 @@ impl Puller {
         let batch_bytes = pull
             .bandwidth
             .map_or(BATCH_BYTES, |rate| (rate / 2).clamp(MIN_BATCH_BYTES, BATCH_BYTES));
+        let mut storing: Option<tokio::task::JoinHandle<Result<u64, String>>> = None;
         for batch in batches(&plan.missing, batch_bytes) {
             if let Some(new) = bandwidth().filter(|new| *new != rate) {
                 tracing::info!(run = run_id, from = ?rate, to = ?new, "bandwidth changed by the controller");
@@ -234,11 +235,19 @@ impl Puller {
             });
             let (chunks, wire) = link.chunks(batch, pull.compress).await?;
             on_wire += wire;
-            for (id, bytes) in chunks {
-                fetched += bytes.len() as u64;
-                let store = store.clone();
-                blocking(move || store.store_chunk(&id, &bytes)).await?;
+            // Stored (hashed, written) while the next batch is fetched.
+            if let Some(previous) = storing.take() {
+                fetched += previous.await.unwrap_or_else(|e| Err(format!("internal error: {e}")))?;
             }
+            let store = store.clone();
+            storing = Some(tokio::task::spawn_blocking(move || {
+                let mut bytes = 0u64;
+                for (id, chunk) in chunks {
+                    store.store_chunk(&id, &chunk)?;
+                    bytes += chunk.len() as u64;
+                }
+                Ok::<u64, String>(bytes)
+            }));
             if let Some(rate) = rate.filter(|r| *r > 0) {
                 // Stay under the rate on average since it was set.
                 let due = Duration::from_secs_f64((on_wire - window.1) as f64 / rate as f64);
@@ -248,6 +257,9 @@ impl Puller {
             }
         }
 
+        if let Some(previous) = storing.take() {
+            fetched += previous.await.unwrap_or_else(|e| Err(format!("internal error: {e}")))?;
+        }
         progress(Progress {
             phase: "publishing",
             bytes: fetched,

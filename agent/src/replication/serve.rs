@@ -547,9 +547,8 @@ fn frames(index: &RunIndex, request: &ChunkRequest) -> Result<Vec<u8>, Refusal> 
             Err(e) => return Err((StatusCode::INTERNAL_SERVER_ERROR, "source_read", e.to_string())),
         };
         let raw_id = decode_hex32(id).ok_or((StatusCode::BAD_REQUEST, "bad_id", format!("{id} is not a chunk id")))?;
-        let compressed = request
-            .compress
-            .then(|| zstd::bulk::compress(&bytes, 3).ok())
+        let compressed = (request.compress && worth_compressing(&bytes))
+            .then(|| zstd::bulk::compress(&bytes, 1).ok())
             .flatten()
             .filter(|c| (c.len() as f64) < bytes.len() as f64 * (1.0 - COMPRESSION_MIN_SAVING));
         let (codec, payload) = match &compressed {
@@ -562,6 +561,14 @@ fn frames(index: &RunIndex, request: &ChunkRequest) -> Result<Vec<u8>, Refusal> 
         body.extend_from_slice(payload);
     }
     Ok(body)
+}
+
+/// A quick look at the start of a chunk: already-compressed or encrypted
+/// data (most backup archives) is not worth compressing, and finding out on
+/// the whole chunk would cost more than sending it.
+fn worth_compressing(bytes: &[u8]) -> bool {
+    let probe = &bytes[..bytes.len().min(4096)];
+    zstd::bulk::compress(probe, 1).is_ok_and(|c| (c.len() as f64) < probe.len() as f64 * 0.9)
 }
 
 pub fn decode_hex32(hex: &str) -> Option<[u8; 32]> {

@@ -535,7 +535,7 @@ fn validate_replication(
             retention,
             bandwidth,
             compression,
-            verify: raw.verify.unwrap_or(true),
+            verify: raw.verify.unwrap_or(false),
             stall_timeout,
         })),
         schedule,

@@ -281,7 +281,10 @@ fn replications_copy_from_an_export_to_a_root_in_the_other_site() {
     assert_eq!((spec.retention.keep_last, spec.retention.keep_daily), (3, 7));
     assert_eq!(spec.bandwidth, Some(50 << 20));
     assert_eq!(spec.compression, Compression::None);
-    assert!(spec.verify);
+    assert!(
+        !spec.verify,
+        "publishing verifies every file already; re-reading is an option"
+    );
     assert_eq!(spec.stall_timeout, Duration::from_secs(120));
 
     let err = message(
