@@ -331,6 +331,10 @@ impl Puller {
                 task.root, self.config_file
             ));
         };
+        // A job name is one path component: nothing outside the root.
+        if !dicops_proto::is_valid_id(&task.replication) {
+            return Err(format!("refused: {:?} is not a job name", task.replication));
+        }
         let job_dir = root.join(&task.replication);
         if !job_dir.join("snapshots").is_dir() {
             return Err(format!(
