@@ -6,6 +6,10 @@
 #     SKIP_BUILD=1 bash bench/replication.sh      # reuses target/release (or $CARGO_TARGET_DIR/release)
 #     DICOPS_BIN_DIR=/path/to/release bash bench/replication.sh
 #
+# About 17 minutes on the 2-core machine of BENCHMARKS.md (without the
+# build); about 30 GB free under WORK_PARENT (checked first). Runs as root
+# (the rsync side logs in as root to a private sshd).
+#
 # dicops: a controller and two agents from real configs and a real PKI
 # (`dicops pki init/issue`): src01 in site dc1 serves its exports on its data
 # port, dst01 in site dc2 pulls them into its root `replicas`. One
