@@ -27,6 +27,8 @@ const MIN_BATCH_BYTES: u64 = 256 << 10;
 const BATCH_CHUNKS: usize = 256;
 /// How long to wait for the source to receive its grant.
 const GRANT_WAIT: Duration = Duration::from_secs(30);
+/// The largest manifest a source may send.
+const MAX_MANIFEST_BYTES: u64 = 1 << 30;
 /// Files per `published` message.
 const PUBLISHED_BATCH: usize = 10_000;
 
@@ -74,6 +76,8 @@ impl SourceLink {
         let mut client =
             HttpsClient::new(url, Identity::Agent(agent.to_string()), tls).map_err(|e| format!("{name}: {e}"))?;
         client.request_timeout = stall;
+        // A manifest is about 250 bytes a file: room for about 4 million.
+        client.max_response_bytes = MAX_MANIFEST_BYTES;
         Ok(SourceLink {
             client,
             name,

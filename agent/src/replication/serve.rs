@@ -238,6 +238,9 @@ impl Source {
 
     fn build_manifest(&self, grant: &ServeGrant, root: &Path) -> Result<Vec<u8>, String> {
         let cache_file = self.cache_dir.join(format!("chunks-{}.cache", grant.export));
+        // The walk writes its working file there: the folder must exist first.
+        std::fs::create_dir_all(&self.cache_dir)
+            .map_err(|e| format!("cannot create {}: {e}", self.cache_dir.display()))?;
         let mut cache = ChunkCache::load(&cache_file);
         let mut header = ManifestHeader {
             version: 1,
@@ -276,8 +279,6 @@ impl Source {
         let mut first = serde_json::to_vec(&header).map_err(|e| e.to_string())?;
         first.push(b'\n');
         body.splice(0..0, first);
-        std::fs::create_dir_all(&self.cache_dir)
-            .map_err(|e| format!("cannot create {}: {e}", self.cache_dir.display()))?;
         if let Err(e) = cache.save(&cache_file) {
             tracing::warn!(error = %e, "cannot save the chunk cache; the next run reads the tree again");
         }

@@ -209,6 +209,8 @@ pub struct HttpsClient {
     connection: Option<(u64, SendRequest<Full<Bytes>>)>,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
+    /// Largest answer read; larger ones are an error.
+    pub max_response_bytes: u64,
 }
 
 impl HttpsClient {
@@ -222,6 +224,7 @@ impl HttpsClient {
             connection: None,
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
+            max_response_bytes: MAX_RESPONSE_BYTES,
         })
     }
 
@@ -319,7 +322,7 @@ impl HttpsClient {
             }
         };
         let status = response.status();
-        let bytes = read_limited(response.into_body(), MAX_RESPONSE_BYTES)
+        let bytes = read_limited(response.into_body(), self.max_response_bytes)
             .await
             .map_err(|e| ClientError::Io {
                 addr: self.peer(),
