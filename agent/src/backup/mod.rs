@@ -126,7 +126,9 @@ impl Backups {
         Ok(outcome)
     }
 
-    fn apply_retention(&self, output: &OutputConfig, ledger: &mut Ledger) -> RetentionOutcome {
+    /// What the policy keeps, deletes and may not delete (runs not yet in
+    /// the other site, when the policy waits for replication).
+    fn retention_plan(&self, output: &OutputConfig, ledger: &Ledger) -> dicops_core::retention::Plan<i64> {
         let items: Vec<Item<i64>> = ledger
             .runs
             .iter()
@@ -136,7 +138,11 @@ impl Backups {
                 protected: output.wait_for_replication && !r.replicated(),
             })
             .collect();
-        let decided = plan(&output.retention, &items, self.timezone);
+        plan(&output.retention, &items, self.timezone)
+    }
+
+    fn apply_retention(&self, output: &OutputConfig, ledger: &mut Ledger) -> RetentionOutcome {
+        let decided = self.retention_plan(output, ledger);
         let mut outcome = RetentionOutcome {
             blocked: decided.blocked.len(),
             ..RetentionOutcome::default()
@@ -224,16 +230,7 @@ impl Backups {
             local.newest_bytes = Some(newest.bytes());
             local.newest_name = newest.files.first().map(|f| f.path.clone());
         }
-        let items: Vec<Item<i64>> = ledger
-            .runs
-            .iter()
-            .map(|r| Item {
-                key: r.run_id,
-                time: unix_to_time(r.started_at),
-                protected: output.wait_for_replication && !r.replicated(),
-            })
-            .collect();
-        for run_id in plan(&output.retention, &items, self.timezone).blocked {
+        for run_id in self.retention_plan(output, &ledger).blocked {
             if let Some(run) = ledger.runs.iter().find(|r| r.run_id == run_id) {
                 local.retention_blocked += 1;
                 local.retention_blocked_bytes += run.bytes();
