@@ -158,7 +158,8 @@ fn snapshots_are_published_whole_and_later_runs_send_only_what_changed() {
         std::fs::metadata(latest.join("conf/file-00.txt")).expect("meta").ino()
     );
 
-    // Nothing changed: nothing crosses; keep_last 2 drops the first snapshot.
+    // Nothing changed: nothing crosses, not even the manifest, and no new
+    // snapshot is made (it would be the newest one again).
     let third = run_job(d, "dumps-to-dc2");
     assert_eq!(third.bytes, Some(0), "{third:?}");
     // And the source did not read its unchanged tree again: chunk lists
@@ -168,13 +169,33 @@ fn snapshots_are_published_whole_and_later_runs_send_only_what_changed() {
         .lines()
         .rfind(|l| l.contains("manifest built"))
         .expect("manifest log");
-    assert!(last.contains(" read=0 ") && last.contains("cache_hits=42"), "{last}");
-    let names: Vec<String> = std::fs::read_dir(job_dir.join("snapshots"))
-        .expect("snapshots")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(
+        last.contains(" read=0 ") && last.contains("cache_hits=42") && last.contains("unchanged=true"),
+        "{last}"
+    );
+    let snapshot_names = || -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(job_dir.join("snapshots"))
+            .expect("snapshots")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(snapshot_names().len(), 2);
+    assert_eq!(std::fs::canonicalize(job_dir.join("latest")).expect("latest"), latest2);
+
+    // One file changes: a third snapshot, and keep_last 2 drops the first.
+    write_old(&s.source.join("conf/file-00.txt"), b"setting 0 changed\n");
+    let fourth = run_job(d, "dumps-to-dc2");
+    let wire_fourth = fourth.bytes.expect("bytes");
+    assert!(wire_fourth < 1024, "one small file changed: sent {wire_fourth} bytes");
+    assert_eq!(snapshot_names().len(), 2);
     assert!(!latest.exists(), "the oldest snapshot went to retention");
+    assert!(latest2.exists());
+    assert_eq!(
+        tree(&std::fs::canonicalize(job_dir.join("latest")).expect("latest")),
+        tree(&s.source)
+    );
 
     let metrics = d.metrics();
     let l = [("job", "dumps-to-dc2"), ("site", "dc2"), ("source_site", "dc1")];
@@ -188,7 +209,7 @@ fn snapshots_are_published_whole_and_later_runs_send_only_what_changed() {
         &[("job", "dumps-to-dc2")],
     )
     .expect("sent");
-    assert_eq!(sent as u64, wire_first + wire_second);
+    assert_eq!(sent as u64, wire_first + wire_second + wire_fourth);
     let reused = sample(
         &metrics,
         "dicops_replication_bytes_reused_total",
@@ -202,7 +223,7 @@ fn snapshots_are_published_whole_and_later_runs_send_only_what_changed() {
             "dicops_replication_runs_total",
             &[("job", "dumps-to-dc2"), ("result", "succeeded")]
         ),
-        Some(3.0)
+        Some(4.0)
     );
     promtool_check_metrics(&metrics);
 

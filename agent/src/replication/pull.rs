@@ -17,7 +17,7 @@ use hyper::{Method, StatusCode};
 use tokio_util::sync::CancellationToken;
 
 use super::serve::{encode_hex32, ChunkRequest, PublishedFile, CODEC_RAW, CODEC_ZSTD};
-use super::snapshot::JobStore;
+use super::snapshot::{Build, JobStore};
 
 /// Bytes of chunks asked for in one request (the source allows 16 MiB);
 /// under a bandwidth limit, about half a second's worth, so that the rate
@@ -88,12 +88,21 @@ impl SourceLink {
     }
 
     /// The source's manifest of this run (waiting for its grant to arrive).
+    /// `unless`: the entries hash of the tree this side holds; if the
+    /// source's is the same, it answers with its header alone.
     async fn manifest(
         &mut self,
         job: &str,
         cancel: &CancellationToken,
+        unless: Option<&str>,
     ) -> Result<(ManifestHeader, Vec<ManifestEntry>), String> {
-        let path = format!("/data/v1/runs/{}/manifest", self.run_id);
+        let mut path = format!("/data/v1/runs/{}/manifest", self.run_id);
+        if let Some(digest) = unless {
+            path.push_str(&format!("?unless={digest}"));
+        }
+        // The grant travels in the source's own poll, which the controller
+        // wakes at once: it is usually there within milliseconds.
+        let mut pause = Duration::from_millis(20);
         let started = Instant::now();
         let body = loop {
             match self.client.request(Method::GET, &path, None).await {
@@ -102,7 +111,8 @@ impl SourceLink {
                     let (reason, error) = refusal(status, &body);
                     // The grant travels in the source's own poll: give it time.
                     if reason == "no_grant" && started.elapsed() < GRANT_WAIT && !cancel.is_cancelled() {
-                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_millis(500));
                         continue;
                     }
                     return Err(format!("{} refused the manifest: {error}", self.name));
@@ -115,6 +125,12 @@ impl SourceLink {
             return Err(format!(
                 "{} sent the manifest of run {} of {} from {}, not of this run",
                 self.name, header.run_id, header.job, header.source_agent
+            ));
+        }
+        if header.unchanged && (unless.is_none() || header.entries_blake3.as_deref() != unless || !entries.is_empty()) {
+            return Err(format!(
+                "{} says the tree is unchanged, but not of the tree this side named",
+                self.name
             ));
         }
         Ok((header, entries))
@@ -186,28 +202,46 @@ impl Puller {
             remaining: 0,
             message: format!("reading the tree of {}", pull.source_agent),
         });
-        let (header, entries) = link.manifest(job, &cancel).await?;
-        // Shared, not copied, with the blocking tasks: a manifest of a large
-        // tree is the biggest thing a pull holds.
-        let (header, entries) = (Arc::new(header), Arc::new(entries));
         let store = {
             let (root, job) = (root.clone(), job.to_string());
             Arc::new(blocking(move || JobStore::open(&root, &job)).await?)
         };
-        let plan = {
-            let (store, header, entries) = (store.clone(), header.clone(), entries.clone());
-            blocking(move || store.plan(&header, &entries[..])).await?
+        let held = {
+            let store = store.clone();
+            blocking(move || Ok(store.latest_header())).await?
         };
-        let total_missing = plan.bytes_missing;
+        let unless = held.as_ref().and_then(|(_, h)| h.entries_blake3.clone());
+        let (header, entries) = link.manifest(job, &cancel, unless.as_deref()).await?;
+        if header.unchanged {
+            if let Some((snapshot, _)) = held {
+                return self.unchanged(run_id, &store, snapshot, &header).await;
+            }
+        }
+        // Shared, not copied, with the blocking tasks: a manifest of a large
+        // tree is the biggest thing a pull holds.
+        let (header, entries) = (Arc::new(header), Arc::new(entries));
+        progress(Progress {
+            phase: "planning",
+            bytes: 0,
+            remaining: 0,
+            message: format!("reusing what is already here for {} files", entries.len()),
+        });
+        let build = {
+            let (store, header, entries) = (store.clone(), header.clone(), entries.clone());
+            blocking(move || store.start_build(&header, entries)).await?
+        };
+        let total_missing = build.bytes_missing;
         tracing::info!(
             run = run_id,
             files = entries.len(),
-            base = plan.base().unwrap_or("none"),
-            linked = plan.files_linked,
-            bytes_local = plan.bytes_local,
+            base = build.base().unwrap_or("none"),
+            linked = build.files_linked,
+            bytes_local = build.bytes_local,
+            bytes_resumed = build.bytes_resumed,
             bytes_missing = total_missing,
             "replication planned"
         );
+        let missing = build.missing.clone();
 
         let mut fetched = 0u64;
         let mut on_wire = 0u64;
@@ -217,62 +251,80 @@ impl Puller {
         let batch_bytes = pull
             .bandwidth
             .map_or(BATCH_BYTES, |rate| (rate / 2).clamp(MIN_BATCH_BYTES, BATCH_BYTES));
-        let mut storing: Option<tokio::task::JoinHandle<Result<u64, String>>> = None;
-        for batch in batches(&plan.missing, batch_bytes) {
-            if let Some(new) = bandwidth().filter(|new| *new != rate) {
-                tracing::info!(run = run_id, from = ?rate, to = ?new, "bandwidth changed by the controller");
-                rate = new;
-                window = (Instant::now(), on_wire);
-            }
-            if cancel.is_cancelled() {
-                return Err("the run was cancelled (max_runtime passed, or the agent is stopping)".into());
-            }
-            progress(Progress {
-                phase: "transferring",
-                bytes: fetched,
-                remaining: total_missing.saturating_sub(fetched),
-                message: format!(
-                    "{} of {} fetched",
-                    dicops_core::units::format_bytes(fetched),
-                    dicops_core::units::format_bytes(total_missing)
-                ),
-            });
-            let (chunks, wire) = link.chunks(batch, pull.compress).await?;
-            on_wire += wire;
-            // Stored (hashed, written) while the next batch is fetched.
-            if let Some(previous) = storing.take() {
-                fetched += previous.await.unwrap_or_else(|e| Err(format!("internal error: {e}")))?;
-            }
-            let store = store.clone();
-            storing = Some(tokio::task::spawn_blocking(move || {
-                let mut bytes = 0u64;
-                for (id, chunk) in chunks {
-                    store.store_chunk(&id, &chunk)?;
-                    bytes += chunk.len() as u64;
-                }
-                Ok::<u64, String>(bytes)
-            }));
-            if let Some(rate) = rate.filter(|r| *r > 0) {
-                // Stay under the rate on average since it was set.
-                let due = Duration::from_secs_f64((on_wire - window.1) as f64 / rate as f64);
-                if let Some(wait) = due.checked_sub(window.0.elapsed()) {
-                    tokio::time::sleep(wait).await;
-                }
-            }
+        // The build is written (chunks hashed, written in place) by a
+        // blocking task while the next batch is fetched.
+        type Storing = tokio::task::JoinHandle<(Build, Result<u64, String>)>;
+        async fn stored(storing: Storing, fetched: &mut u64) -> Result<Build, String> {
+            let (build, written) = storing.await.map_err(|e| format!("internal error: {e}"))?;
+            *fetched += written?;
+            Ok(build)
         }
-
+        let mut idle = Some(build);
+        let mut storing: Option<Storing> = None;
+        let transfer: Result<(), String> = async {
+            for batch in batches(&missing, batch_bytes) {
+                if let Some(new) = bandwidth().filter(|new| *new != rate) {
+                    tracing::info!(run = run_id, from = ?rate, to = ?new, "bandwidth changed by the controller");
+                    rate = new;
+                    window = (Instant::now(), on_wire);
+                }
+                if cancel.is_cancelled() {
+                    return Err("the run was cancelled (max_runtime passed, or the agent is stopping)".into());
+                }
+                progress(Progress {
+                    phase: "transferring",
+                    bytes: fetched,
+                    remaining: total_missing.saturating_sub(fetched),
+                    message: format!(
+                        "{} of {} fetched",
+                        dicops_core::units::format_bytes(fetched),
+                        dicops_core::units::format_bytes(total_missing)
+                    ),
+                });
+                let (chunks, wire) = link.chunks(batch, pull.compress).await?;
+                on_wire += wire;
+                if let Some(previous) = storing.take() {
+                    idle = Some(stored(previous, &mut fetched).await?);
+                }
+                let mut build = idle.take().ok_or("internal error: the build is gone")?;
+                storing = Some(tokio::task::spawn_blocking(move || {
+                    let mut bytes = 0u64;
+                    for (id, chunk) in chunks {
+                        match build.add_chunk(&id, &chunk) {
+                            Ok(n) => bytes += n,
+                            Err(e) => return (build, Err(e)),
+                        }
+                    }
+                    (build, Ok(bytes))
+                }));
+                if let Some(rate) = rate.filter(|r| *r > 0) {
+                    // Stay under the rate on average since it was set.
+                    let due = Duration::from_secs_f64((on_wire - window.1) as f64 / rate as f64);
+                    if let Some(wait) = due.checked_sub(window.0.elapsed()) {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+            }
+            Ok(())
+        }
+        .await;
+        // Never leave a write into the build running past the run's end.
         if let Some(previous) = storing.take() {
-            fetched += previous.await.unwrap_or_else(|e| Err(format!("internal error: {e}")))?;
+            let last = stored(previous, &mut fetched).await;
+            transfer.clone()?;
+            idle = Some(last?);
         }
+        transfer?;
+        let build = idle.ok_or("internal error: the build is gone")?;
         progress(Progress {
             phase: "publishing",
             bytes: fetched,
             remaining: 0,
-            message: format!("verifying and publishing {} files", entries.len()),
+            message: format!("publishing {} files", entries.len()),
         });
         let published = {
-            let (store, header, entries) = (store.clone(), header.clone(), entries.clone());
-            blocking(move || store.publish(&header, &entries[..], &plan)).await?
+            let store = store.clone();
+            blocking(move || build.publish(&store)).await?
         };
         if pull.verify {
             progress(Progress {
@@ -318,6 +370,36 @@ impl Puller {
 }
 
 impl Puller {
+    /// The source holds exactly the tree of the newest snapshot: nothing to
+    /// fetch or build, and no new snapshot (it would be that one again).
+    /// The run confirms that the other site is current as of now.
+    async fn unchanged(
+        &self,
+        run_id: i64,
+        store: &Arc<JobStore>,
+        snapshot: String,
+        header: &ManifestHeader,
+    ) -> Result<ReplicationStats, String> {
+        let snapshots = {
+            let store = store.clone();
+            blocking(move || store.snapshots()).await?
+        };
+        tracing::info!(run = run_id, snapshot = %snapshot, "the source's tree is unchanged since the newest snapshot");
+        let bytes = header.bytes.unwrap_or(0);
+        let files = header.files.unwrap_or(0);
+        Ok(ReplicationStats {
+            snapshot,
+            source_state_at: header.taken_at,
+            files,
+            bytes,
+            files_linked: files,
+            bytes_reused: bytes,
+            bytes_fetched: 0,
+            bytes_on_wire: 0,
+            snapshots: snapshots.len() as u64,
+        })
+    }
+
     /// A verify run: the replication's snapshots re-read against their
     /// manifests; damaged chunks fetched again from the source when it
     /// still has them and written back; what cannot be repaired is lost.
@@ -427,7 +509,7 @@ impl Puller {
             Duration::from_secs(60),
             run_id,
         )?;
-        let (_, entries) = link.manifest(job, cancel).await?;
+        let (_, entries) = link.manifest(job, cancel, None).await?;
         let at_source: HashSet<&str> = entries
             .iter()
             .flat_map(|e| e.chunks.iter().map(|c| c.id.as_str()))
@@ -488,6 +570,15 @@ fn parse_manifest(body: &[u8]) -> Result<(ManifestHeader, Vec<ManifestEntry>), S
         .next()
         .ok_or("the source sent an empty manifest")
         .and_then(|l| serde_json::from_slice(l).map_err(|_| "the source's manifest header is malformed"))?;
+    if let Some(expected) = header.entries_blake3.as_ref().filter(|_| !header.unchanged) {
+        let start = body.iter().position(|b| *b == b'\n').map_or(body.len(), |at| at + 1);
+        let actual = blake3::hash(&body[start..]).to_hex();
+        if actual.as_str() != expected {
+            return Err(format!(
+                "the source's manifest entries have BLAKE3 {actual}, its header says {expected}"
+            ));
+        }
+    }
     let mut entries = Vec::new();
     for (i, line) in lines.enumerate() {
         let entry: ManifestEntry = serde_json::from_slice(line)
@@ -500,7 +591,7 @@ fn parse_manifest(body: &[u8]) -> Result<(ManifestHeader, Vec<ManifestEntry>), S
             ));
         }
     }
-    if let Some(n) = header.files.filter(|n| *n != entries.len() as u64) {
+    if let Some(n) = header.files.filter(|n| *n != entries.len() as u64 && !header.unchanged) {
         return Err(format!(
             "the source's manifest holds {} entries, its header announced {n}",
             entries.len()

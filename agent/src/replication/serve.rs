@@ -162,7 +162,14 @@ impl Source {
             Err(refusal) => return refusal,
         };
         match (req.method().clone(), action.as_str()) {
-            (Method::GET, "manifest") => self.manifest(grant).await,
+            (Method::GET, "manifest") => {
+                let unless = req
+                    .uri()
+                    .query()
+                    .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("unless=")))
+                    .map(str::to_string);
+                self.manifest(grant, unless).await
+            }
             (Method::POST, "chunks") => match read_body::<ChunkRequest>(req).await {
                 Ok(request) => self.chunks(run, request).await,
                 Err(refusal) => refusal,
@@ -215,7 +222,7 @@ impl Source {
         Ok(grant)
     }
 
-    async fn manifest(self: Arc<Self>, grant: ServeGrant) -> Response<Full<Bytes>> {
+    async fn manifest(self: Arc<Self>, grant: ServeGrant, unless: Option<String>) -> Response<Full<Bytes>> {
         let Some(root) = self.exports.get(&grant.export).cloned() else {
             return error(
                 StatusCode::FORBIDDEN,
@@ -227,7 +234,7 @@ impl Source {
             );
         };
         let me = self.clone();
-        let built = tokio::task::spawn_blocking(move || me.build_manifest(&grant, &root))
+        let built = tokio::task::spawn_blocking(move || me.build_manifest(&grant, &root, unless.as_deref()))
             .await
             .unwrap_or_else(|e| Err(format!("internal error: {e}")));
         match built {
@@ -236,7 +243,9 @@ impl Source {
         }
     }
 
-    fn build_manifest(&self, grant: &ServeGrant, root: &Path) -> Result<Vec<u8>, String> {
+    /// The manifest of `root` for this run; only its header line when the
+    /// entries hash to `unless` (the destination already holds this tree).
+    fn build_manifest(&self, grant: &ServeGrant, root: &Path, unless: Option<&str>) -> Result<Vec<u8>, String> {
         let cache_file = self.cache_dir.join(format!("chunks-{}.cache", grant.export));
         // The walk writes its working file there: the folder must exist first.
         std::fs::create_dir_all(&self.cache_dir)
@@ -250,6 +259,9 @@ impl Source {
             export: grant.export.clone(),
             taken_at: now_unix(),
             files: None,
+            bytes: None,
+            entries_blake3: None,
+            unchanged: false,
         };
         let mut body = Vec::new();
         let mut index = RunIndex {
@@ -274,8 +286,15 @@ impl Source {
             body.push(b'\n');
             Ok(())
         })?;
-        // The header goes first and announces how many entries follow.
+        // The header goes first and announces what follows.
         header.files = Some(stats.files);
+        header.bytes = Some(stats.bytes);
+        let digest = blake3::hash(&body).to_hex().to_string();
+        header.unchanged = unless == Some(digest.as_str());
+        header.entries_blake3 = Some(digest);
+        if header.unchanged {
+            body.clear();
+        }
         let mut first = serde_json::to_vec(&header).map_err(|e| e.to_string())?;
         first.push(b'\n');
         body.splice(0..0, first);
@@ -288,6 +307,7 @@ impl Source {
             bytes = stats.bytes,
             read = stats.bytes_read,
             cache_hits = stats.cache_hits,
+            unchanged = header.unchanged,
             "manifest built"
         );
         self.runs

@@ -11,19 +11,23 @@
 //!   then one entry per file). The next run's plan reads the newest one to
 //!   hard-link unchanged files and to find chunks locally.
 //! - `latest`: a symlink to `snapshots/<NAME>`, the last snapshot published.
-//! - `staging/<run_id>/`: the tree a run is building; `staging/chunks/<id>`:
-//!   verified chunks fetched so far, kept when a run fails so that its retry
-//!   does not fetch them again, emptied after a publish.
+//! - `staging/build/`: the tree a run is building. Every chunk is written
+//!   straight into its place in its file (a fetched chunk, or one copied
+//!   from the newest snapshot), so publishing is one rename, with no second
+//!   copy of the data. A run that fails leaves it: the retry keeps every
+//!   chunk it finds in place with the right BLAKE3 and fetches only the
+//!   others.
 //!
 //! What a crash leaves, and why it is safe:
-//! - The manifest is written (temp file, fsync, rename) before the snapshot
-//!   folder is renamed into place, and every file and folder of the tree is
-//!   fsynced before that rename: a snapshot that can be seen is complete,
-//!   and its manifest exists. A manifest whose snapshot never arrived is
-//!   removed by the next `open`.
-//! - `staging/<run_id>` trees are removed by the next `open`; the chunks in
-//!   `staging/chunks` stay. They are not fsynced (a torn one only costs a
-//!   fetch): every chunk is verified against its BLAKE3 when it is used.
+//! - The manifest is written (temp file, fsync, rename) before the build is
+//!   renamed into `snapshots/`, and the whole build is flushed (syncfs)
+//!   before that rename: a snapshot that can be seen is complete, and its
+//!   manifest exists. A manifest whose snapshot never arrived is removed by
+//!   the next `open`.
+//! - `staging/build` is never trusted: the next build removes what its
+//!   manifest does not name and every hard link (it never writes through a
+//!   link into a published snapshot), and checks each chunk of what stays
+//!   against its BLAKE3 before keeping it.
 //! - Retention first renames a snapshot out of `snapshots/` (into staging,
 //!   which `open` clears), then removes its manifest: a half-deleted
 //!   snapshot is never visible.
@@ -34,9 +38,10 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::io::{self, BufRead, BufReader, BufWriter, Write};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chrono::{DateTime, NaiveDateTime, Utc};
@@ -46,17 +51,22 @@ use dicops_proto::{ChunkRef, ManifestEntry, ManifestHeader};
 const SNAPSHOTS: &str = "snapshots";
 const MANIFESTS: &str = "manifests";
 const STAGING: &str = "staging";
-const CHUNKS: &str = "chunks";
-/// Chunk ids found damaged in a snapshot's file by a failed publish: the
-/// next plan does not read them from a snapshot (so the retry fetches them)
-/// and does not hard-link a file that holds them (so the damage does not
-/// carry over into the new snapshot). Cleared by a successful publish.
+const BUILD: &str = "build";
+/// Chunk ids found damaged in a snapshot's file: later builds do not read
+/// them from a snapshot and do not hard-link a file that holds them (so the
+/// damage does not carry over into a new snapshot). Cleared by a publish.
 const DAMAGED: &str = "damaged-chunks";
 const LATEST: &str = "latest";
 const LATEST_TMP: &str = "latest.tmp";
 const MANIFEST_SUFFIX: &str = ".ndjson";
 const NAME_TIME_FORMAT: &str = "%Y-%m-%dT%H-%M-%S";
-const COPY_BUFFER: usize = 256 * 1024;
+const READ_BUFFER: usize = 256 * 1024;
+/// Files whose whole-file BLAKE3 is computed as their chunks are written in
+/// order. A file written out of order (or beyond this many at once) is read
+/// back once complete instead.
+const LIVE_HASHERS: usize = 256;
+/// A file's hash cursor once a chunk was written out of order.
+const BROKEN: u32 = u32::MAX;
 
 /// One replication job's snapshot store, `<root>/<job>/`.
 #[derive(Debug)]
@@ -66,49 +76,86 @@ pub struct JobStore {
     snapshots: PathBuf,
     manifests: PathBuf,
     staging: PathBuf,
-    chunks: PathBuf,
+    build: PathBuf,
 }
 
-/// Where publish reads a chunk it has not fetched.
+/// Where a chunk of the new tree comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum ChunkSource {
-    /// In the base snapshot's file `path` (relative), at `offset`.
+    /// The base snapshot's file `path` (relative), at `offset`.
     Snapshot { path: String, offset: u64 },
-    /// In `staging/chunks` (already there, or to be fetched).
-    Staged,
+    /// The source, over the network.
+    Fetch,
 }
 
-/// What a run must fetch and how publish builds the tree; made by
-/// [`JobStore::plan`] for one list of entries and valid only for it.
-#[derive(Debug, Clone)]
-pub struct Plan {
+/// One place a fetched chunk goes: entry, chunk index, byte offset.
+#[derive(Debug, Clone, Copy)]
+struct Place {
+    entry: u32,
+    index: u32,
+    offset: u64,
+}
+
+/// A file of the build that is assembled (not hard-linked).
+#[derive(Debug, Clone, Copy, Default)]
+struct FileState {
+    /// Chunks not written yet.
+    remaining: u32,
+    /// Chunks fed, in order, to the file's hasher; BROKEN once out of order.
+    cursor: u32,
+    /// The file exists in the build.
+    created: bool,
+    /// Hash checked, mode and mtime set.
+    done: bool,
+}
+
+/// A run's tree being built in `staging/build`, made by
+/// [`JobStore::start_build`] for one list of entries: links and local
+/// chunks are in place once it returns; `missing` is what to fetch and
+/// hand to [`Build::add_chunk`]; [`Build::publish`] then renames it into
+/// `snapshots/`.
+pub struct Build {
+    dir: PathBuf,
+    header: ManifestHeader,
+    entries: Arc<Vec<ManifestEntry>>,
+    base: Option<String>,
+    base_dir: Option<PathBuf>,
+    /// For each entry: the base snapshot's file it is a hard link to.
+    links: Vec<Option<String>>,
+    files: Vec<FileState>,
+    /// For each chunk still to fetch, every place it goes.
+    wanted: HashMap<String, Vec<Place>>,
+    hashers: HashMap<u32, blake3::Hasher>,
+    /// The file written last (consecutive chunks usually share it).
+    open: Option<(u32, File)>,
+    /// The folder created last (consecutive files usually share it).
+    last_folder: Option<PathBuf>,
+    /// The base file read last.
+    open_base: Option<(String, File)>,
+    damaged: HashSet<String>,
+    buf: Vec<u8>,
     /// Chunk ids (deduplicated, in first-use order) that neither the newest
-    /// snapshot nor `staging/chunks` has: the only ones to fetch.
+    /// snapshot nor the build in staging has: the only ones to fetch.
     pub missing: Vec<ChunkRef>,
     /// Files identical (content, size, mode, mtime) to a file of the newest
     /// snapshot, at any path: hard-linked, nothing read or fetched.
     pub files_linked: u64,
     pub bytes_linked: u64,
-    /// Bytes of the distinct chunks found in the newest snapshot's files or
-    /// in `staging/chunks`.
+    /// Bytes copied from the newest snapshot's files.
     pub bytes_local: u64,
+    /// Bytes found in place, intact, from an earlier attempt.
+    pub bytes_resumed: u64,
     /// Bytes of the chunks in `missing`.
     pub bytes_missing: u64,
-    /// The snapshot that links and local chunks come from.
-    base: Option<String>,
-    /// For each entry, in order: the base snapshot's file to hard-link.
-    links: Vec<Option<String>>,
-    /// Every chunk of the files not linked.
-    sources: HashMap<String, ChunkSource>,
-    /// Of the entries the plan was made for.
-    fingerprint: blake3::Hash,
 }
 
-impl Plan {
-    /// The published snapshot the plan builds on (None on a first run, or
-    /// when its manifest could not be read).
-    pub fn base(&self) -> Option<&str> {
-        self.base.as_deref()
+impl std::fmt::Debug for Build {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Build")
+            .field("dir", &self.dir)
+            .field("base", &self.base)
+            .field("missing", &self.missing.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -234,6 +281,12 @@ fn is_chunk_id(id: &str) -> bool {
 /// Refuses a list of entries that could write outside the snapshot or that
 /// cannot be built as given. Runs before anything touches the disk.
 fn validate_entries(entries: &[ManifestEntry]) -> Result<(), String> {
+    if u32::try_from(entries.len()).is_err() {
+        return Err(format!(
+            "refused: {} files is more than one snapshot holds",
+            entries.len()
+        ));
+    }
     let mut paths: HashSet<&str> = HashSet::with_capacity(entries.len());
     let mut chunk_lens: HashMap<&str, u32> = HashMap::new();
     for entry in entries {
@@ -246,6 +299,9 @@ fn validate_entries(entries: &[ManifestEntry]) -> Result<(), String> {
         }
         if !is_chunk_id(&entry.blake3) {
             return Err(format!("refused: {path:?} has an invalid BLAKE3 {:?}", entry.blake3));
+        }
+        if entry.chunks.len() >= BROKEN as usize {
+            return Err(format!("refused: {path:?} has too many chunks"));
         }
         let mut sum = 0u64;
         for chunk in &entry.chunks {
@@ -277,26 +333,6 @@ fn validate_entries(entries: &[ManifestEntry]) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-/// Identifies the entries a plan was made for.
-fn fingerprint(entries: &[ManifestEntry]) -> blake3::Hash {
-    let mut hasher = blake3::Hasher::new();
-    hasher.update(&(entries.len() as u64).to_le_bytes());
-    for entry in entries {
-        hasher.update(entry.path.as_bytes());
-        hasher.update(&[0]);
-        hasher.update(entry.blake3.as_bytes());
-        hasher.update(&entry.size.to_le_bytes());
-        hasher.update(&entry.mode.to_le_bytes());
-        hasher.update(&entry.mtime_ns.to_le_bytes());
-        hasher.update(&(entry.chunks.len() as u64).to_le_bytes());
-        for chunk in &entry.chunks {
-            hasher.update(chunk.id.as_bytes());
-            hasher.update(&chunk.len.to_le_bytes());
-        }
-    }
-    hasher.finalize()
 }
 
 /// The time a snapshot name starts with, `2026-11-27T10-30-00Z[-suffix]`.
@@ -415,144 +451,202 @@ fn write_manifest(dir: &Path, name: &str, header: &ManifestHeader, entries: &[Ma
     sync_dir(dir)
 }
 
-enum CopyError {
-    Read(io::Error),
-    Write(io::Error),
+/// Reads exactly `buf.len()` bytes at `offset`; false if the file is shorter.
+fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+    match file.read_exact_at(buf, offset) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
-/// Copies exactly `len` bytes from `src` to `out`, feeding both hashers.
-fn copy_exact(
-    src: &mut File,
-    out: &mut File,
-    len: u64,
-    buf: &mut [u8],
-    hashers: [&mut blake3::Hasher; 2],
-) -> Result<(), CopyError> {
-    let [chunk, whole] = hashers;
-    let mut left = len;
-    while left > 0 {
-        let want = left.min(buf.len() as u64) as usize;
-        let n = match src.read(&mut buf[..want]) {
-            Ok(0) => {
-                return Err(CopyError::Read(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the file ends before the chunk does",
-                )))
+/// Removes from an earlier attempt's build whatever the new entries do not
+/// name as a file or folder, and every hard link: a file of the build is
+/// only ever written when it is the build's own.
+fn tidy_build(dir: &Path, entries: &[ManifestEntry]) -> Result<(), String> {
+    let files: HashSet<&str> = entries.iter().map(|e| e.path.as_str()).collect();
+    let mut folders: HashSet<&str> = HashSet::new();
+    for entry in entries {
+        for (at, _) in entry.path.match_indices('/') {
+            folders.insert(&entry.path[..at]);
+        }
+    }
+    let mut stack: Vec<(PathBuf, String)> = vec![(dir.to_path_buf(), String::new())];
+    while let Some((folder, prefix)) = stack.pop() {
+        let listing = fs::read_dir(&folder).map_err(|e| format!("cannot list {}: {e}", folder.display()))?;
+        for item in listing {
+            let item = item.map_err(|e| format!("cannot list {}: {e}", folder.display()))?;
+            let path = item.path();
+            let relative = item.file_name().into_string().ok().map(|name| {
+                if prefix.is_empty() {
+                    name
+                } else {
+                    format!("{prefix}/{name}")
+                }
+            });
+            let meta = fs::symlink_metadata(&path).map_err(|e| format!("cannot stat {}: {e}", path.display()))?;
+            let keep = match &relative {
+                Some(rel) if meta.is_dir() && folders.contains(rel.as_str()) => {
+                    stack.push((path.clone(), rel.clone()));
+                    true
+                }
+                Some(rel) => meta.is_file() && meta.nlink() == 1 && files.contains(rel.as_str()),
+                None => false,
+            };
+            if !keep {
+                remove_any(&path).map_err(|e| format!("cannot remove {}: {e}", path.display()))?;
             }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(CopyError::Read(e)),
-        };
-        chunk.update(&buf[..n]);
-        whole.update(&buf[..n]);
-        out.write_all(&buf[..n]).map_err(CopyError::Write)?;
-        left -= n as u64;
+        }
     }
     Ok(())
 }
 
-/// Builds one run's tree in staging.
-struct Builder<'a> {
-    store: &'a JobStore,
-    plan: &'a Plan,
-    run_dir: &'a Path,
-    base_dir: Option<PathBuf>,
-    /// Chunks known damaged in the base snapshot, from earlier runs and this one.
-    damaged: HashSet<String>,
-    /// Found damaged by this publish: saved if it fails.
-    newly_damaged: Vec<String>,
-    /// The base file read last (consecutive chunks usually share it).
-    open_base: Option<(String, File)>,
-    buf: Vec<u8>,
-}
-
-impl Builder<'_> {
-    /// Builds `entry`; true if it was hard-linked.
-    fn file(&mut self, entry: &ManifestEntry, link: Option<&str>) -> Result<bool, String> {
-        let dst = self.run_dir.join(&entry.path);
-        if let Some(parent) = dst.parent() {
-            create_dir(parent)?;
-        }
-        if let (Some(link), Some(base_dir)) = (link, &self.base_dir) {
-            let src = base_dir.join(link);
-            match fs::hard_link(&src, &dst) {
-                Ok(()) => return Ok(true),
-                // E.g. the file's link count is at the file system's limit:
-                // a copy of it does as well.
-                Err(e) => tracing::warn!(
-                    from = %src.display(), to = %dst.display(), error = %e,
-                    "cannot hard-link an unchanged file; copying it"
-                ),
-            }
-            self.assemble(entry, &dst, Some(link))?;
-            return Ok(false);
-        }
-        self.assemble(entry, &dst, None)?;
-        Ok(false)
+impl Build {
+    /// The published snapshot the build reuses (None on a first run, or
+    /// when its manifest could not be read).
+    pub fn base(&self) -> Option<&str> {
+        self.base.as_deref()
     }
 
-    /// Writes `dst` chunk by chunk, each verified, then checks the whole
-    /// file. `whole_base`: read every chunk from this base file (the copy
-    /// that replaces a failed hard link).
-    fn assemble(&mut self, entry: &ManifestEntry, dst: &Path, whole_base: Option<&str>) -> Result<(), String> {
-        let mut out = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(dst)
-            .map_err(|e| format!("cannot create {}: {e}", dst.display()))?;
-        let mut whole = blake3::Hasher::new();
-        let mut offset = 0u64;
-        for chunk in &entry.chunks {
-            let source = match whole_base {
-                Some(path) => Some(ChunkSource::Snapshot {
-                    path: path.to_string(),
-                    offset,
-                }),
-                None => self.plan.sources.get(&chunk.id).cloned(),
-            };
-            let mut done = false;
-            if let Some(ChunkSource::Snapshot { path, offset }) = source {
-                if !self.damaged.contains(&chunk.id) {
-                    done = self.chunk_from_base(&mut out, &mut whole, &path, offset, chunk, dst)?;
-                }
-            }
-            if !done {
-                self.chunk_from_staging(&mut out, &mut whole, chunk, entry)?;
-            }
-            offset += u64::from(chunk.len);
+    fn entry(&self, i: u32) -> &ManifestEntry {
+        &self.entries[i as usize]
+    }
+
+    fn create_parent(&mut self, path: &Path) -> Result<(), String> {
+        let Some(parent) = path.parent() else {
+            return Ok(());
+        };
+        if self.last_folder.as_deref() != Some(parent) {
+            create_dir(parent)?;
+            self.last_folder = Some(parent.to_path_buf());
         }
-        let actual = whole.finalize().to_hex();
+        Ok(())
+    }
+
+    /// The build's file for entry `i`, created (sized, sparse) on first use.
+    fn file(&mut self, i: u32) -> Result<&File, String> {
+        if self.open.as_ref().is_none_or(|(open, _)| *open != i) {
+            self.open = None;
+            let path = self.dir.join(&self.entry(i).path);
+            let state = self.files[i as usize];
+            let file = if state.created {
+                OpenOptions::new().write(true).read(true).open(&path)
+            } else {
+                self.create_parent(&path)?;
+                OpenOptions::new()
+                    .write(true)
+                    .read(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)
+            };
+            let file = file.map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+            if !state.created {
+                file.set_len(self.entry(i).size)
+                    .map_err(|e| format!("cannot size {}: {e}", path.display()))?;
+                self.files[i as usize].created = true;
+            }
+            self.open = Some((i, file));
+        }
+        match &self.open {
+            Some((_, file)) => Ok(file),
+            None => Err("internal error: no open file".to_string()),
+        }
+    }
+
+    /// Notes chunk `index` of entry `i` as written with `bytes`, feeding the
+    /// file's running hash when it comes in order; finishes the file when
+    /// it was the last one.
+    fn written(&mut self, i: u32, index: u32, bytes: &[u8]) -> Result<(), String> {
+        let state = &mut self.files[i as usize];
+        state.remaining -= 1;
+        if state.cursor == index {
+            let live = self.hashers.len() < LIVE_HASHERS || self.hashers.contains_key(&i);
+            if live {
+                self.hashers.entry(i).or_default().update(bytes);
+                state.cursor += 1;
+            } else {
+                state.cursor = BROKEN;
+            }
+        } else if state.cursor != BROKEN {
+            state.cursor = BROKEN;
+            self.hashers.remove(&i);
+        }
+        if state.remaining == 0 {
+            self.finish_file(i)?;
+        }
+        Ok(())
+    }
+
+    fn write_at(&mut self, place: Place, bytes: &[u8]) -> Result<(), String> {
+        let file = self.file(place.entry)?;
+        if let Err(e) = file.write_all_at(bytes, place.offset) {
+            let path = self.dir.join(&self.entry(place.entry).path);
+            return Err(format!("cannot write {}: {e}", path.display()));
+        }
+        self.written(place.entry, place.index, bytes)
+    }
+
+    /// Checks the whole file's BLAKE3 (from its running hash, or by reading
+    /// it back), then gives it its mode and mtime.
+    fn finish_file(&mut self, i: u32) -> Result<(), String> {
+        let entry = self.entries[i as usize].clone();
+        let path = self.dir.join(&entry.path);
+        let state = self.files[i as usize];
+        let hasher = self.hashers.remove(&i);
+        let chunks = entry.chunks.len() as u32;
+        let mut buf = std::mem::take(&mut self.buf);
+        if buf.len() < READ_BUFFER {
+            buf.resize(READ_BUFFER, 0);
+        }
+        let file = self.file(i)?;
+        let hash = match hasher {
+            Some(hasher) if state.cursor == chunks => hasher.finalize(),
+            _ if chunks == 0 => blake3::hash(b""),
+            _ => {
+                let mut hasher = blake3::Hasher::new();
+                let mut offset = 0u64;
+                while offset < entry.size {
+                    let want = (entry.size - offset).min(buf.len() as u64) as usize;
+                    let n = file
+                        .read_at(&mut buf[..want], offset)
+                        .map_err(|e| format!("cannot read back {}: {e}", path.display()))?;
+                    if n == 0 {
+                        break;
+                    }
+                    hasher.update(&buf[..n]);
+                    offset += n as u64;
+                }
+                hasher.finalize()
+            }
+        };
+        self.buf = buf;
+        let actual = hash.to_hex();
         if actual.as_str() != entry.blake3 {
             return Err(format!(
                 "refused: {:?} built from its chunks has BLAKE3 {actual}, the manifest says {}",
                 entry.path, entry.blake3
             ));
         }
+        let file = self.file(i)?;
         let finish = || -> io::Result<()> {
-            out.set_permissions(fs::Permissions::from_mode(snapshot_mode(entry.mode)))?;
+            file.set_permissions(fs::Permissions::from_mode(snapshot_mode(entry.mode)))?;
             // Made durable all at once before the publish (`sync_filesystem`):
             // one flush instead of one fsync per file, which on a tree of
             // many small files costs more than the transfer.
-            out.set_modified(system_time(entry.mtime_ns))
+            file.set_modified(system_time(entry.mtime_ns))
         };
-        finish().map_err(|e| format!("cannot finish {}: {e}", dst.display()))
+        finish().map_err(|e| format!("cannot finish {}: {e}", path.display()))?;
+        self.files[i as usize].done = true;
+        self.open = None;
+        Ok(())
     }
 
-    /// Copies a chunk from the base snapshot. Ok(false) when the snapshot's
-    /// copy is unreadable or damaged: what was written is taken back and
-    /// the chunk is noted as damaged.
-    fn chunk_from_base(
-        &mut self,
-        out: &mut File,
-        whole: &mut blake3::Hasher,
-        path: &str,
-        offset: u64,
-        chunk: &ChunkRef,
-        dst: &Path,
-    ) -> Result<bool, String> {
+    /// Reads a chunk of the base snapshot into `self.buf`; false when the
+    /// snapshot's copy is unreadable or damaged (then noted as damaged).
+    fn read_from_base(&mut self, path: &str, offset: u64, chunk: &ChunkRef) -> bool {
         let Some(base_dir) = &self.base_dir else {
-            return Ok(false);
+            return false;
         };
         let src_path = base_dir.join(path);
         if self.open_base.as_ref().is_none_or(|(open, _)| open != path) {
@@ -561,117 +655,216 @@ impl Builder<'_> {
                 Err(e) => {
                     tracing::warn!(file = %src_path.display(), error = %e, "cannot open a file of the previous snapshot");
                     self.open_base = None;
-                    self.note_damaged(&chunk.id);
-                    return Ok(false);
+                    self.damaged.insert(chunk.id.clone());
+                    return false;
                 }
             }
         }
-        let Some((_, src)) = self.open_base.as_mut() else {
-            return Ok(false);
+        let Some((_, src)) = &self.open_base else {
+            return false;
         };
-        let start = out
-            .stream_position()
-            .map_err(|e| format!("cannot write {}: {e}", dst.display()))?;
-        let saved = whole.clone();
-        let mut chunk_hasher = blake3::Hasher::new();
-        let copied = match src.seek(SeekFrom::Start(offset)) {
-            Ok(_) => copy_exact(
-                src,
-                out,
-                u64::from(chunk.len),
-                &mut self.buf,
-                [&mut chunk_hasher, whole],
-            ),
-            Err(e) => Err(CopyError::Read(e)),
-        };
-        let problem = match copied {
-            Ok(()) if chunk_hasher.finalize().to_hex().as_str() == chunk.id => return Ok(true),
-            Ok(()) => "its content does not match its BLAKE3".to_string(),
-            Err(CopyError::Read(e)) => format!("cannot read it: {e}"),
-            Err(CopyError::Write(e)) => return Err(format!("cannot write {}: {e}", dst.display())),
+        let len = chunk.len as usize;
+        if self.buf.len() < len {
+            self.buf.resize(len, 0);
+        }
+        let problem = match read_exact_at(src, &mut self.buf[..len], offset) {
+            Ok(true) if blake3::hash(&self.buf[..len]).to_hex().as_str() == chunk.id => return true,
+            Ok(true) => "its content does not match its BLAKE3".to_string(),
+            Ok(false) => "the file ends before the chunk does".to_string(),
+            Err(e) => format!("cannot read it: {e}"),
         };
         tracing::warn!(
             chunk = %chunk.id, file = %src_path.display(), offset, problem = %problem,
-            "a chunk of the previous snapshot is damaged; using a fetched copy"
+            "a chunk of the previous snapshot is damaged; fetching it instead"
         );
-        out.set_len(start)
-            .and_then(|()| out.seek(SeekFrom::Start(start)).map(|_| ()))
-            .map_err(|e| format!("cannot write {}: {e}", dst.display()))?;
-        *whole = saved;
-        self.note_damaged(&chunk.id);
-        Ok(false)
+        self.damaged.insert(chunk.id.clone());
+        false
     }
 
-    fn note_damaged(&mut self, id: &str) {
-        if self.damaged.insert(id.to_string()) {
-            self.newly_damaged.push(id.to_string());
-        }
-    }
-
-    /// Copies a chunk from `staging/chunks`; a damaged one is removed so
-    /// that the retry fetches it again.
-    fn chunk_from_staging(
+    /// Puts entry `i` in place as far as it can locally: chunks an earlier
+    /// attempt left intact, then chunks of the base snapshot; every other
+    /// chunk is noted as wanted.
+    fn prepare_file(
         &mut self,
-        out: &mut File,
-        whole: &mut blake3::Hasher,
-        chunk: &ChunkRef,
-        entry: &ManifestEntry,
+        i: u32,
+        base: &mut Option<BaseIndex>,
+        sources: &mut HashMap<String, ChunkSource>,
     ) -> Result<(), String> {
-        let path = self.store.chunks.join(&chunk.id);
-        let mut src = match File::open(&path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(if self.damaged.contains(&chunk.id) {
-                    format!(
-                        "chunk {} ({} bytes, for {:?}) is damaged in snapshot {} and was not fetched: \
-                         it must be fetched; plan again (it is now listed as missing), fetch and publish",
-                        chunk.id,
-                        chunk.len,
-                        entry.path,
-                        self.plan.base.as_deref().unwrap_or("?")
-                    )
-                } else {
-                    format!(
-                        "chunk {} ({} bytes, for {:?}) is not in staging/chunks: fetch it (store_chunk) before publishing",
-                        chunk.id, chunk.len, entry.path
-                    )
-                });
+        let entry = self.entries[i as usize].clone();
+        let path = self.dir.join(&entry.path);
+        self.files[i as usize] = FileState {
+            remaining: entry.chunks.len() as u32,
+            ..FileState::default()
+        };
+        // What an earlier attempt left (tidy_build kept it only if it is
+        // the build's own regular file at this path).
+        let mut intact = vec![false; entry.chunks.len()];
+        if fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+                .map_err(|e| format!("cannot reuse {}: {e}", path.display()))?;
+            self.files[i as usize].created = true;
+            let reader = self
+                .file(i)?
+                .try_clone()
+                .map_err(|e| format!("cannot reuse {}: {e}", path.display()))?;
+            // Whatever it held beyond the new size goes.
+            reader
+                .set_len(entry.size)
+                .map_err(|e| format!("cannot size {}: {e}", path.display()))?;
+            let mut buf = std::mem::take(&mut self.buf);
+            let mut offset = 0u64;
+            let mut checked = Ok(());
+            for (k, chunk) in entry.chunks.iter().enumerate() {
+                let len = chunk.len as usize;
+                if buf.len() < len {
+                    buf.resize(len, 0);
+                }
+                if read_exact_at(&reader, &mut buf[..len], offset).unwrap_or(false)
+                    && blake3::hash(&buf[..len]).to_hex().as_str() == chunk.id
+                {
+                    intact[k] = true;
+                    self.bytes_resumed += u64::from(chunk.len);
+                    checked = self.written(i, k as u32, &buf[..len]);
+                    if checked.is_err() {
+                        break;
+                    }
+                }
+                offset += u64::from(chunk.len);
             }
-            Err(e) => return Err(format!("cannot open {}: {e}", path.display())),
+            self.buf = buf;
+            checked?;
+        }
+        let mut offset = 0u64;
+        for (k, chunk) in entry.chunks.iter().enumerate() {
+            let place = Place {
+                entry: i,
+                index: k as u32,
+                offset,
+            };
+            offset += u64::from(chunk.len);
+            if intact[k] {
+                continue;
+            }
+            let source = match sources.get(&chunk.id) {
+                Some(source) => source.clone(),
+                None => {
+                    let source = match base.as_mut() {
+                        Some(b) if !self.damaged.contains(&chunk.id) => b.chunk_source(&chunk.id),
+                        _ => None,
+                    }
+                    .unwrap_or(ChunkSource::Fetch);
+                    sources.insert(chunk.id.clone(), source.clone());
+                    source
+                }
+            };
+            if let ChunkSource::Snapshot { path: from, offset } = source {
+                if self.read_from_base(&from, offset, chunk) {
+                    let buf = std::mem::take(&mut self.buf);
+                    let written = self.write_at(place, &buf[..chunk.len as usize]);
+                    self.buf = buf;
+                    written?;
+                    self.bytes_local += u64::from(chunk.len);
+                    continue;
+                }
+                sources.insert(chunk.id.clone(), ChunkSource::Fetch);
+            }
+            let places = self.wanted.entry(chunk.id.clone()).or_default();
+            if places.is_empty() {
+                self.missing.push(chunk.clone());
+                self.bytes_missing += u64::from(chunk.len);
+            }
+            places.push(place);
+        }
+        if entry.chunks.is_empty() {
+            // An empty file: nothing to write, but it must exist.
+            self.file(i)?;
+            self.finish_file(i)?;
+        }
+        Ok(())
+    }
+
+    /// Verifies a fetched chunk against its id and writes it to every place
+    /// it goes; returns its length.
+    pub fn add_chunk(&mut self, id: &str, bytes: &[u8]) -> Result<u64, String> {
+        if !is_chunk_id(id) {
+            return Err(format!("refused: {id:?} is not a chunk id (BLAKE3 hex)"));
+        }
+        let actual = blake3::hash(bytes).to_hex();
+        if actual.as_str() != id {
+            return Err(format!(
+                "refused: chunk {id} ({} bytes received) has BLAKE3 {actual}: damaged in transit",
+                bytes.len()
+            ));
+        }
+        let Some(places) = self.wanted.remove(id) else {
+            return Err(format!(
+                "refused: chunk {id} was not asked for, or was already received"
+            ));
         };
-        let mut chunk_hasher = blake3::Hasher::new();
-        let dst = self.run_dir.join(&entry.path);
-        let problem = match copy_exact(
-            &mut src,
-            out,
-            u64::from(chunk.len),
-            &mut self.buf,
-            [&mut chunk_hasher, whole],
-        ) {
-            Ok(()) if chunk_hasher.finalize().to_hex().as_str() == chunk.id => None,
-            Ok(()) => Some("does not match its BLAKE3".to_string()),
-            Err(CopyError::Read(e)) => Some(format!("cannot be read ({e})")),
-            Err(CopyError::Write(e)) => return Err(format!("cannot write {}: {e}", dst.display())),
+        for place in places {
+            self.write_at(place, bytes)?;
+        }
+        Ok(bytes.len() as u64)
+    }
+
+    /// Publishes the build once every file is in place: flushed to disk,
+    /// its manifest written, renamed into `snapshots/` in one step, and
+    /// `latest` switched to it.
+    pub fn publish(self, store: &JobStore) -> Result<Published, String> {
+        self.publish_at(store, Utc::now())
+    }
+
+    fn publish_at(mut self, store: &JobStore, now: DateTime<Utc>) -> Result<Published, String> {
+        if let Some(chunk) = self.missing.iter().find(|c| self.wanted.contains_key(&c.id)) {
+            return Err(format!(
+                "chunk {} ({} bytes) was not fetched: the build is incomplete",
+                chunk.id, chunk.len
+            ));
+        }
+        let mut published = Published {
+            name: String::new(),
+            files: self.entries.len() as u64,
+            bytes: self.entries.iter().map(|e| e.size).sum(),
+            files_linked: self.files_linked,
         };
-        match problem {
-            None => Ok(()),
-            Some(problem) => {
-                let _ = fs::remove_file(&path);
-                Err(format!(
-                    "chunk {} in {} {problem}; removed, fetch it again (plan lists it as missing)",
-                    chunk.id,
-                    path.display()
-                ))
+        for (i, entry) in self.entries.iter().enumerate() {
+            if self.links[i].is_none() && !self.files[i].done {
+                return Err(format!("internal error: {:?} was not built", entry.path));
             }
         }
+        self.open = None;
+        // Every built file and folder durable before the rename publishes them.
+        sync_filesystem(&self.dir)?;
+        let name = store.free_name(now, self.header.run_id);
+        write_manifest(&store.manifests, &name, &self.header, &self.entries)?;
+        let target = store.snapshots.join(&name);
+        if let Err(e) = fs::rename(&self.dir, &target) {
+            let _ = fs::remove_file(store.manifests.join(format!("{name}{MANIFEST_SUFFIX}")));
+            return Err(format!(
+                "cannot publish {} as {}: {e}",
+                self.dir.display(),
+                target.display()
+            ));
+        }
+        sync_dir(&store.snapshots)?;
+        store
+            .switch_latest(&name)
+            .map_err(|e| format!("snapshot {name} is published, but `latest` still points to the previous one: {e}"))?;
+        let _ = fs::remove_file(store.staging.join(DAMAGED));
+        tracing::info!(
+            job = %store.job, snapshot = %name, files = published.files, bytes = published.bytes,
+            files_linked = published.files_linked, "snapshot published"
+        );
+        published.name = name;
+        Ok(published)
     }
 }
 
 impl JobStore {
     /// Opens (creating the folders) `<root>/<job>`; `job` must be a safe
-    /// single component. Removes what a crashed run left: staging trees,
-    /// temp files, a manifest whose snapshot never arrived. Keeps the
-    /// fetched chunks, so that the retry does not fetch them again.
+    /// single component. Removes what a crashed run left: temp files, half
+    /// deleted snapshots, a manifest whose snapshot never arrived. Keeps
+    /// `staging/build`, which the retry reuses.
     pub fn open(root: &Path, job: &str) -> Result<JobStore, String> {
         if !is_safe_component(job) {
             return Err(format!("refused: job name {job:?} is not a single safe path component"));
@@ -682,10 +875,10 @@ impl JobStore {
             snapshots: dir.join(SNAPSHOTS),
             manifests: dir.join(MANIFESTS),
             staging: dir.join(STAGING),
-            chunks: dir.join(STAGING).join(CHUNKS),
+            build: dir.join(STAGING).join(BUILD),
             dir,
         };
-        for folder in [&store.snapshots, &store.manifests, &store.chunks] {
+        for folder in [&store.snapshots, &store.manifests, &store.staging] {
             create_dir(folder)?;
         }
         store.clean_after_crash()?;
@@ -707,13 +900,9 @@ impl JobStore {
             remove_any(path).map_err(|e| format!("cannot remove {why} {}: {e}", path.display()))
         };
         for (name, path) in list(&self.staging)? {
-            if name != CHUNKS && name != DAMAGED {
-                remove(&path, "a stale staging tree")?;
-            }
-        }
-        for (name, path) in list(&self.chunks)? {
-            if !is_chunk_id(&name) {
-                remove(&path, "a partial chunk")?;
+            let keep = (name == BUILD && path.is_dir()) || name == DAMAGED;
+            if !keep {
+                remove(&path, "a stale staging entry")?;
             }
         }
         for (name, path) in list(&self.manifests)? {
@@ -762,6 +951,20 @@ impl JobStore {
         Ok(self.snapshots()?.pop())
     }
 
+    /// The newest snapshot and its manifest's header (one line read); None
+    /// while a chunk of it is known damaged (the next run must rebuild).
+    pub fn latest_header(&self) -> Option<(String, ManifestHeader)> {
+        if self.staging.join(DAMAGED).exists() {
+            return None;
+        }
+        let name = self.newest().ok()??;
+        let file = File::open(self.manifests.join(format!("{name}{MANIFEST_SUFFIX}"))).ok()?;
+        let mut first = String::new();
+        BufReader::new(file).read_line(&mut first).ok()?;
+        let header = serde_json::from_str(&first).ok()?;
+        Some((name, header))
+    }
+
     fn check_header(&self, header: &ManifestHeader) -> Result<(), String> {
         if header.job != self.job {
             return Err(format!(
@@ -804,186 +1007,110 @@ impl JobStore {
         }
     }
 
-    /// What to fetch: every chunk of the new tree that neither the newest
-    /// snapshot nor `staging/chunks` holds. Chunks in the snapshot are not
-    /// read here (publish verifies them as it copies them).
-    pub fn plan(&self, header: &ManifestHeader, entries: &[ManifestEntry]) -> Result<Plan, String> {
+    /// Starts (or resumes) the build of a run's tree in `staging/build`:
+    /// refuses entries that could write outside it; hard-links unchanged
+    /// files from the newest snapshot; keeps what an earlier attempt left
+    /// intact; copies, verified, every chunk the newest snapshot holds; and
+    /// lists the chunks left to fetch.
+    pub fn start_build(&self, header: &ManifestHeader, entries: Arc<Vec<ManifestEntry>>) -> Result<Build, String> {
         self.check_header(header)?;
-        validate_entries(entries)?;
-        let damaged = self.read_damaged();
+        validate_entries(&entries)?;
+        let damaged_before = self.read_damaged();
         let mut base = self.base_index()?;
-        let mut plan = Plan {
+        if self.build.is_dir() {
+            tidy_build(&self.build, &entries)?;
+        } else {
+            create_dir(&self.build)?;
+        }
+        let count = entries.len();
+        let mut build = Build {
+            dir: self.build.clone(),
+            header: header.clone(),
+            base: base.as_ref().map(|b| b.name.clone()),
+            base_dir: base.as_ref().map(|b| b.dir.clone()),
+            links: Vec::with_capacity(count),
+            files: vec![FileState::default(); count],
+            wanted: HashMap::new(),
+            hashers: HashMap::new(),
+            open: None,
+            last_folder: None,
+            open_base: None,
+            damaged: damaged_before.clone(),
+            buf: vec![0; READ_BUFFER],
             missing: Vec::new(),
             files_linked: 0,
             bytes_linked: 0,
             bytes_local: 0,
+            bytes_resumed: 0,
             bytes_missing: 0,
-            base: base.as_ref().map(|b| b.name.clone()),
-            links: Vec::with_capacity(entries.len()),
-            sources: HashMap::new(),
-            fingerprint: fingerprint(entries),
+            entries,
         };
-        for entry in entries {
-            let link = base.as_mut().and_then(|b| b.link_for(entry, &damaged));
-            if link.is_some() {
-                plan.files_linked += 1;
-                plan.bytes_linked += entry.size;
-                plan.links.push(link);
+        for entry in build.entries.iter() {
+            let link = base.as_mut().and_then(|b| b.link_for(entry, &build.damaged));
+            build.links.push(link);
+        }
+        // Copying from the snapshot may find damaged chunks; a file to be
+        // hard-linked that holds one is then built instead.
+        let mut sources: HashMap<String, ChunkSource> = HashMap::new();
+        let mut todo: Vec<u32> = (0..count as u32)
+            .filter(|&i| build.links[i as usize].is_none())
+            .collect();
+        while !todo.is_empty() {
+            let damaged = build.damaged.len();
+            for i in std::mem::take(&mut todo) {
+                build.prepare_file(i, &mut base, &mut sources)?;
+            }
+            if build.damaged.len() == damaged {
+                break;
+            }
+            for (i, entry) in build.entries.iter().enumerate() {
+                if build.links[i].is_some() && entry.chunks.iter().any(|c| build.damaged.contains(&c.id)) {
+                    build.links[i] = None;
+                    todo.push(i as u32);
+                }
+            }
+        }
+        if build.damaged != damaged_before {
+            self.save_damaged(&build.damaged);
+        }
+        for i in 0..count {
+            let Some(link) = build.links[i].clone() else {
                 continue;
-            }
-            plan.links.push(None);
-            for chunk in &entry.chunks {
-                if plan.sources.contains_key(&chunk.id) {
-                    continue;
+            };
+            let entries = build.entries.clone();
+            let entry = &entries[i];
+            let dst = build.dir.join(&entry.path);
+            build.create_parent(&dst)?;
+            let src = build.base_dir.as_ref().map(|d| d.join(&link));
+            let link_to = |src: &Path| match fs::hard_link(src, &dst) {
+                // An earlier attempt's copy of the file: the link replaces it.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    remove_any(&dst).and_then(|()| fs::hard_link(src, &dst))
                 }
-                let in_base = match (&mut base, damaged.contains(&chunk.id)) {
-                    (Some(b), false) => b.chunk_source(&chunk.id),
-                    _ => None,
-                };
-                let source = match in_base {
-                    Some(source) => {
-                        plan.bytes_local += u64::from(chunk.len);
-                        source
-                    }
-                    None => {
-                        let staged = fs::metadata(self.chunks.join(&chunk.id))
-                            .is_ok_and(|m| m.is_file() && m.len() == u64::from(chunk.len));
-                        if staged {
-                            plan.bytes_local += u64::from(chunk.len);
-                        } else {
-                            plan.bytes_missing += u64::from(chunk.len);
-                            plan.missing.push(chunk.clone());
-                        }
-                        ChunkSource::Staged
-                    }
-                };
-                plan.sources.insert(chunk.id.clone(), source);
-            }
-        }
-        Ok(plan)
-    }
-
-    /// Verifies `bytes` against `id` (BLAKE3 hex) and stores it in
-    /// `staging/chunks` (temp file and rename, not fsynced: publish verifies
-    /// it again before use).
-    pub fn store_chunk(&self, id: &str, bytes: &[u8]) -> Result<(), String> {
-        if !is_chunk_id(id) {
-            return Err(format!("refused: {id:?} is not a chunk id (BLAKE3 hex)"));
-        }
-        let actual = blake3::hash(bytes).to_hex();
-        if actual.as_str() != id {
-            return Err(format!(
-                "refused: chunk {id} ({} bytes received) has BLAKE3 {actual}: damaged in transit",
-                bytes.len()
-            ));
-        }
-        let tmp = self.chunks.join(format!(".{id}.tmp"));
-        let target = self.chunks.join(id);
-        let result = fs::write(&tmp, bytes).and_then(|()| fs::rename(&tmp, &target));
-        result.map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            format!("cannot store chunk {id} in {}: {e}", self.chunks.display())
-        })
-    }
-
-    /// Builds `staging/<run_id>/` from links, local chunks and stored
-    /// chunks; verifies every built file's BLAKE3 (hard-linked files are
-    /// the base snapshot's, verified when it was published); writes the
-    /// manifest; publishes with one rename; switches `latest`; clears
-    /// staging.
-    pub fn publish(
-        &self,
-        header: &ManifestHeader,
-        entries: &[ManifestEntry],
-        plan: &Plan,
-    ) -> Result<Published, String> {
-        self.publish_at(header, entries, plan, Utc::now())
-    }
-
-    fn publish_at(
-        &self,
-        header: &ManifestHeader,
-        entries: &[ManifestEntry],
-        plan: &Plan,
-        now: DateTime<Utc>,
-    ) -> Result<Published, String> {
-        self.check_header(header)?;
-        validate_entries(entries)?;
-        if plan.links.len() != entries.len() || plan.fingerprint != fingerprint(entries) {
-            return Err("the plan was made for other manifest entries: plan again".to_string());
-        }
-        let run_dir = self.staging.join(header.run_id.to_string());
-        remove_any(&run_dir).map_err(|e| format!("cannot remove {}: {e}", run_dir.display()))?;
-        create_dir(&run_dir)?;
-
-        let mut builder = Builder {
-            store: self,
-            plan,
-            run_dir: &run_dir,
-            base_dir: plan.base.as_ref().map(|name| self.snapshots.join(name)),
-            damaged: self.read_damaged(),
-            newly_damaged: Vec::new(),
-            open_base: None,
-            buf: vec![0; COPY_BUFFER],
-        };
-        let mut published = Published {
-            name: String::new(),
-            files: 0,
-            bytes: 0,
-            files_linked: 0,
-        };
-        let mut built = Ok(());
-        for (entry, link) in entries.iter().zip(&plan.links) {
-            match builder.file(entry, link.as_deref()) {
-                Ok(linked) => {
-                    published.files += 1;
-                    published.bytes += entry.size;
-                    published.files_linked += u64::from(linked);
+                other => other,
+            };
+            let linked = src
+                .as_deref()
+                .map(link_to)
+                .unwrap_or_else(|| Err(io::Error::other("no base snapshot")));
+            match linked {
+                Ok(()) => {
+                    build.files_linked += 1;
+                    build.bytes_linked += entry.size;
                 }
+                // E.g. the file's link count is at the file system's limit:
+                // a copy of it does as well.
                 Err(e) => {
-                    built = Err(e);
-                    break;
+                    tracing::warn!(
+                        to = %dst.display(), error = %e,
+                        "cannot hard-link an unchanged file; copying it"
+                    );
+                    build.links[i] = None;
+                    build.prepare_file(i as u32, &mut base, &mut sources)?;
                 }
             }
         }
-        // Every built file and folder durable before the rename publishes them.
-        let built = built.and_then(|()| sync_filesystem(&run_dir));
-        if !builder.newly_damaged.is_empty() {
-            // Also on success: harmless, cleared below.
-            self.save_damaged(&builder.damaged);
-        }
-        if let Err(e) = built {
-            if let Err(rm) = remove_any(&run_dir) {
-                tracing::warn!(dir = %run_dir.display(), error = %rm, "cannot remove a failed run's tree; the next open will");
-            }
-            return Err(e);
-        }
-
-        let name = self.free_name(now, header.run_id);
-        if let Err(e) = write_manifest(&self.manifests, &name, header, entries) {
-            let _ = remove_any(&run_dir);
-            return Err(e);
-        }
-        let target = self.snapshots.join(&name);
-        if let Err(e) = fs::rename(&run_dir, &target) {
-            let _ = fs::remove_file(self.manifests.join(format!("{name}{MANIFEST_SUFFIX}")));
-            let _ = remove_any(&run_dir);
-            return Err(format!(
-                "cannot publish {} as {}: {e}",
-                run_dir.display(),
-                target.display()
-            ));
-        }
-        sync_dir(&self.snapshots)?;
-        self.switch_latest(&name)
-            .map_err(|e| format!("snapshot {name} is published, but `latest` still points to the previous one: {e}"))?;
-        self.clear_chunks();
-        tracing::info!(
-            job = %self.job, snapshot = %name, files = published.files, bytes = published.bytes,
-            files_linked = published.files_linked, "snapshot published"
-        );
-        published.name = name;
-        Ok(published)
+        Ok(build)
     }
 
     /// The snapshot name for `now`, with `-<run_id>` (then `-2`, ...) added
@@ -1015,19 +1142,6 @@ impl JobStore {
         };
         switch().map_err(|e| format!("cannot switch {}: {e}", self.dir.join(LATEST).display()))?;
         sync_dir(&self.dir)
-    }
-
-    /// After a publish the fetched chunks are in the new snapshot.
-    fn clear_chunks(&self) {
-        let _ = fs::remove_file(self.staging.join(DAMAGED));
-        let Ok(entries) = fs::read_dir(&self.chunks) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            if let Err(e) = fs::remove_file(entry.path()) {
-                tracing::warn!(file = %entry.path().display(), error = %e, "cannot remove a fetched chunk");
-            }
-        }
     }
 
     /// Applies retention to published snapshots: never the last published
@@ -1135,6 +1249,9 @@ mod tests {
             export: "www".into(),
             taken_at: 1.7e9,
             files: None,
+            bytes: None,
+            entries_blake3: None,
+            unchanged: false,
         }
     }
 
@@ -1142,16 +1259,43 @@ mod tests {
         Utc.with_ymd_and_hms(2026, 11, d, 10, 30, 0).single().expect("time")
     }
 
-    /// One run: plan, fetch what is missing, publish.
-    fn run(store: &JobStore, files: &[SourceFile], run_id: i64, now: DateTime<Utc>) -> (Plan, Published) {
-        let (entries, chunks) = manifest(files);
-        let plan = store.plan(&header(run_id), &entries).expect("plan");
-        for chunk in &plan.missing {
-            store.store_chunk(&chunk.id, &chunks[&chunk.id]).expect("store");
+    /// What a build found before fetching.
+    #[derive(Debug)]
+    struct Planned {
+        base: Option<String>,
+        missing: Vec<ChunkRef>,
+        files_linked: u64,
+        bytes_linked: u64,
+        bytes_local: u64,
+        bytes_resumed: u64,
+        bytes_missing: u64,
+    }
+
+    fn planned(build: &Build) -> Planned {
+        Planned {
+            base: build.base.clone(),
+            missing: build.missing.clone(),
+            files_linked: build.files_linked,
+            bytes_linked: build.bytes_linked,
+            bytes_local: build.bytes_local,
+            bytes_resumed: build.bytes_resumed,
+            bytes_missing: build.bytes_missing,
         }
-        let published = store
-            .publish_at(&header(run_id), &entries, &plan, now)
-            .expect("publish");
+    }
+
+    fn start(store: &JobStore, entries: &[ManifestEntry], run_id: i64) -> Result<Build, String> {
+        store.start_build(&header(run_id), Arc::new(entries.to_vec()))
+    }
+
+    /// One run: build, fetch what is missing, publish.
+    fn run(store: &JobStore, files: &[SourceFile], run_id: i64, now: DateTime<Utc>) -> (Planned, Published) {
+        let (entries, chunks) = manifest(files);
+        let mut build = start(store, &entries, run_id).expect("build");
+        let plan = planned(&build);
+        for chunk in &plan.missing {
+            build.add_chunk(&chunk.id, &chunks[&chunk.id]).expect("add");
+        }
+        let published = build.publish_at(store, now).expect("publish");
         (plan, published)
     }
 
@@ -1205,7 +1349,7 @@ mod tests {
         let store = JobStore::open(root.path(), "web").expect("open");
         let files = tree();
         let (plan, published) = run(&store, &files, 7, day(1));
-        assert_eq!(plan.base(), None);
+        assert_eq!(plan.base, None);
         assert_eq!(plan.files_linked, 0);
         // big.bin repeats every 256 bytes: 64 distinct chunks.
         assert_eq!(plan.bytes_missing, 18 + 19 + 256);
@@ -1243,7 +1387,7 @@ mod tests {
             read_manifest(&root.path().join("web/manifests/2026-11-01T10-30-00Z.ndjson")).expect("manifest");
         assert_eq!((h, read), (header(7), entries));
         // Staging is empty again.
-        assert_eq!(listing(&root.path().join("web/staging")), ["chunks"]);
+        assert!(listing(&root.path().join("web/staging")).is_empty());
         assert_eq!(store.snapshots().expect("list"), ["2026-11-01T10-30-00Z"]);
     }
 
@@ -1253,7 +1397,7 @@ mod tests {
         let store = JobStore::open(root.path(), "web").expect("open");
         let (_, first) = run(&store, &tree(), 1, day(1));
         let (plan, second) = run(&store, &tree(), 2, day(2));
-        assert_eq!(plan.base(), Some(first.name.as_str()));
+        assert_eq!(plan.base.as_deref(), Some(first.name.as_str()));
         assert!(plan.missing.is_empty());
         assert_eq!((plan.files_linked, plan.bytes_linked, plan.bytes_local), (4, 1037, 0));
         assert_eq!(second.files_linked, 4);
@@ -1320,38 +1464,28 @@ mod tests {
         ] {
             let mut entries = good.clone();
             entries[0].path = bad.to_string();
-            let plan_error = store.plan(&header(1), &entries).expect_err(bad);
+            let plan_error = start(&store, &entries, 1).expect_err(bad);
             assert!(plan_error.contains("escapes the snapshot"), "{bad:?}: {plan_error}");
             assert!(plan_error.contains(&format!("{bad:?}")), "{plan_error}");
-            // publish checks again, even with a plan made for other entries.
-            let plan = store.plan(&header(1), &good).expect("plan");
-            let publish_error = store.publish(&header(1), &entries, &plan).expect_err(bad);
-            assert!(publish_error.contains("escapes the snapshot"), "{publish_error}");
         }
         let mut twice = good.clone();
         twice[1] = twice[0].clone();
-        assert!(store
-            .plan(&header(1), &twice)
-            .expect_err("twice")
-            .contains("listed twice"));
+        assert!(start(&store, &twice, 1).expect_err("twice").contains("listed twice"));
         let mut short = good.clone();
         short[0].size += 1;
-        assert!(store.plan(&header(1), &short).expect_err("size").contains("add up to"));
+        assert!(start(&store, &short, 1).expect_err("size").contains("add up to"));
         let mut folder = good.clone();
         folder[0].path = "data/a".into();
-        assert!(store
-            .plan(&header(1), &folder)
-            .expect_err("folder")
-            .contains("both a file"));
+        assert!(start(&store, &folder, 1).expect_err("folder").contains("both a file"));
         let mut bad_id = good.clone();
         bad_id[0].chunks[0].id = "../../x".into();
-        assert!(store
-            .plan(&header(1), &bad_id)
-            .expect_err("id")
-            .contains("invalid chunk id"));
+        assert!(start(&store, &bad_id, 1).expect_err("id").contains("invalid chunk id"));
         let mut other_job = header(1);
         other_job.job = "db".into();
-        assert!(store.plan(&other_job, &good).expect_err("job").contains("job"));
+        assert!(store
+            .start_build(&other_job, Arc::new(good.clone()))
+            .expect_err("job")
+            .contains("job"));
         assert!(JobStore::open(root.path(), "../x").is_err());
         assert!(JobStore::open(root.path(), "a/b").is_err());
         assert!(JobStore::open(root.path(), "..").is_err());
@@ -1360,55 +1494,85 @@ mod tests {
     }
 
     #[test]
-    fn a_damaged_chunk_is_refused_by_store_chunk() {
+    fn a_chunk_that_does_not_match_its_id_or_was_not_asked_for_is_refused() {
         let root = tempfile::tempdir().expect("root");
         let store = JobStore::open(root.path(), "web").expect("open");
-        let id = blake3::hash(b"good").to_hex().to_string();
-        let error = store.store_chunk(&id, b"evil").expect_err("mismatch");
-        assert!(error.contains(&id), "{error}");
-        assert!(store.store_chunk("../../escape", b"x").is_err());
-        assert!(store.store_chunk(&id.to_uppercase(), b"good").is_err());
-        assert!(listing(&root.path().join("web/staging/chunks")).is_empty());
-        store.store_chunk(&id, b"good").expect("good chunk");
-        assert_eq!(listing(&root.path().join("web/staging/chunks")), [id]);
+        let (entries, chunks) = manifest(&tree());
+        let mut build = start(&store, &entries, 1).expect("build");
+        let id = build.missing[0].id.clone();
+        let error = build.add_chunk(&id, b"evil").expect_err("mismatch");
+        assert!(error.contains(&id) && error.contains("damaged in transit"), "{error}");
+        assert!(build.add_chunk("../../escape", b"x").is_err());
+        let other = blake3::hash(b"other").to_hex().to_string();
+        assert!(build
+            .add_chunk(&other, b"other")
+            .expect_err("not asked")
+            .contains("not asked for"));
+        build.add_chunk(&id, &chunks[&id]).expect("good chunk");
+        assert!(build
+            .add_chunk(&id, &chunks[&id])
+            .expect_err("twice")
+            .contains("already received"));
+        let error = build.publish(&store).expect_err("incomplete");
+        assert!(error.contains("was not fetched"), "{error}");
+        assert!(store.snapshots().expect("list").is_empty());
+        assert!(!root.path().join("web/latest").exists());
     }
 
     #[test]
-    fn a_retry_resumes_with_the_chunks_already_fetched() {
+    fn a_retry_resumes_with_what_the_failed_attempt_wrote_and_never_writes_through_a_link() {
         let root = tempfile::tempdir().expect("root");
         let (entries, chunks) = manifest(&tree());
         let fetched: Vec<ChunkRef>;
+        let outside = root.path().join("outside.html");
         {
             let store = JobStore::open(root.path(), "web").expect("open");
-            let plan = store.plan(&header(1), &entries).expect("plan");
-            fetched = plan.missing[..3].to_vec();
+            let mut build = start(&store, &entries, 1).expect("build");
+            fetched = build.missing[..3].to_vec();
             for chunk in &fetched {
-                store.store_chunk(&chunk.id, &chunks[&chunk.id]).expect("store");
+                build.add_chunk(&chunk.id, &chunks[&chunk.id]).expect("add");
             }
-            let error = store.publish(&header(1), &entries, &plan).expect_err("not all fetched");
-            assert!(error.contains("fetch it"), "{error}");
-            assert!(
-                !root.path().join("web/staging/1").exists(),
-                "a failed publish cleans up"
-            );
-            // Killed mid-build: a partial tree and a partial chunk remain.
-            create_dir(&root.path().join("web/staging/0/data")).expect("mkdir");
-            fs::write(root.path().join("web/staging/0/data/part"), b"par").expect("write");
-            fs::write(root.path().join("web/staging/chunks/.abc.tmp"), b"x").expect("write");
+            // The attempt dies here. What else a crash or an older version
+            // may leave: a stray file, a stale tree, a hard link to a file
+            // outside the build at a path of the new tree.
+            drop(build);
+            let staged = root.path().join("web/staging");
+            fs::write(staged.join("build/data/stray"), b"x").expect("write");
+            create_dir(&staged.join("0/data")).expect("mkdir");
+            create_dir(&staged.join("chunks")).expect("mkdir");
+            fs::write(&outside, b"<html>hello</html>").expect("write");
+            fs::hard_link(&outside, staged.join("build/index.html")).expect("link");
         }
         let store = JobStore::open(root.path(), "web").expect("reopen");
-        assert_eq!(listing(&root.path().join("web/staging/chunks")).len(), 3);
+        assert_eq!(
+            listing(&root.path().join("web/staging")).first().map(String::as_str),
+            Some("build")
+        );
         assert!(!root.path().join("web/staging/0").exists());
-        let plan = store.plan(&header(2), &entries).expect("plan");
-        assert!(fetched.iter().all(|c| !plan.missing.contains(c)));
-        assert_eq!(plan.bytes_local, fetched.iter().map(|c| u64::from(c.len)).sum::<u64>());
-        let (_, published) = run(&store, &tree(), 2, day(1));
+        assert!(!root.path().join("web/staging/chunks").exists());
+        let mut build = start(&store, &entries, 2).expect("build");
+        let plan = planned(&build);
+        assert!(fetched.iter().all(|c| !plan.missing.contains(c)), "{plan:?}");
+        assert_eq!(
+            plan.bytes_resumed,
+            fetched.iter().map(|c| u64::from(c.len)).sum::<u64>()
+        );
+        assert!(!root.path().join("web/staging/build/data/stray").exists());
+        for chunk in &plan.missing {
+            build.add_chunk(&chunk.id, &chunks[&chunk.id]).expect("add");
+        }
+        let published = build.publish_at(&store, day(1)).expect("publish");
         assert_eq!(published.files, 4);
-        assert!(store.snapshots().expect("list").len() == 1);
+        let snap = root.path().join("web/snapshots").join(&published.name);
+        for (path, body, ..) in tree() {
+            assert_eq!(fs::read(snap.join(path)).expect("read"), body, "{path}");
+        }
+        assert_eq!(nlink(&outside), 1, "the link was removed, not written through");
+        assert_eq!(fs::read(&outside).expect("read"), b"<html>hello</html>");
     }
 
     #[test]
-    fn a_damaged_chunk_in_the_previous_snapshot_is_fetched_not_copied() {
+    fn a_damaged_chunk_in_the_previous_snapshot_is_fetched_in_the_same_run() {
         let root = tempfile::tempdir().expect("root");
         let store = JobStore::open(root.path(), "web").expect("open");
         let mut files = tree();
@@ -1420,28 +1584,18 @@ mod tests {
         // A new file shares that chunk; index.html itself is unchanged.
         files.push(("copy.html", b"<html>copy</html>".to_vec(), 0o644, 5));
         let (entries, chunks) = manifest(&files);
-        let plan = store.plan(&header(2), &entries).expect("plan");
+        let mut build = start(&store, &entries, 2).expect("build");
         let rotten_id = blake3::hash(b"<htm").to_hex().to_string();
-        assert!(
-            !plan.missing.iter().any(|c| c.id == rotten_id),
-            "plan does not read snapshots"
+        assert!(build.missing.iter().any(|c| c.id == rotten_id), "{:?}", build.missing);
+        assert_eq!(
+            build.files_linked, 3,
+            "index.html holds the damaged chunk: built, not linked"
         );
-        for chunk in &plan.missing {
-            store.store_chunk(&chunk.id, &chunks[&chunk.id]).expect("store");
+        assert!(root.path().join("web/staging").join(DAMAGED).exists());
+        for chunk in build.missing.clone() {
+            build.add_chunk(&chunk.id, &chunks[&chunk.id]).expect("add");
         }
-        let error = store
-            .publish_at(&header(2), &entries, &plan, day(2))
-            .expect_err("damaged");
-        assert!(
-            error.contains(&rotten_id) && error.contains("must be fetched"),
-            "{error}"
-        );
-        assert_eq!(store.snapshots().expect("list"), std::slice::from_ref(&first.name));
-
-        // The retry fetches it, and rebuilds index.html instead of linking it.
-        let plan = store.plan(&header(2), &entries).expect("plan");
-        assert!(plan.missing.iter().any(|c| c.id == rotten_id));
-        let (_, second) = run(&store, &files, 2, day(2));
+        let second = build.publish_at(&store, day(2)).expect("publish");
         let snap = root.path().join("web/snapshots").join(&second.name);
         assert_eq!(fs::read(snap.join("index.html")).expect("read"), b"<html>hello</html>");
         assert_eq!(fs::read(snap.join("copy.html")).expect("read"), b"<html>copy</html>");
@@ -1457,7 +1611,7 @@ mod tests {
         let manifest_path = root.path().join("web/manifests").join(format!("{}.ndjson", first.name));
         fs::write(&manifest_path, b"{\"version\":1,\"job\":\"web\"}\nnot json\n").expect("corrupt");
         let (plan, second) = run(&store, &tree(), 2, day(2));
-        assert_eq!(plan.base(), None);
+        assert_eq!(plan.base, None);
         assert_eq!((plan.files_linked, plan.bytes_local), (0, 0));
         assert_eq!(second.files, 4);
         assert_eq!(store.snapshots().expect("list").len(), 2);
@@ -1502,7 +1656,7 @@ mod tests {
             listing(&root.path().join("web/manifests")),
             [format!("{}.ndjson", names[1]), format!("{}.ndjson", names[4])]
         );
-        assert_eq!(listing(&root.path().join("web/staging")), ["chunks"]);
+        assert!(listing(&root.path().join("web/staging")).is_empty());
         // Files shared with deleted snapshots are still whole.
         assert_eq!(
             fs::read(root.path().join("web/latest/bin/run.sh")).expect("read"),

@@ -716,6 +716,18 @@ pub struct ManifestHeader {
     /// How many entries follow: a manifest with more (or fewer) is refused.
     #[serde(default)]
     pub files: Option<u64>,
+    /// The bytes of every file of the tree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    /// BLAKE3 (hex) of the entry lines exactly as sent after this header.
+    /// The destination names the one of its newest snapshot when it asks
+    /// for the next manifest (`?unless=`), so that an unchanged tree costs
+    /// one line instead of the whole manifest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entries_blake3: Option<String>,
+    /// The tree is exactly the one `?unless=` named: no entries follow.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unchanged: bool,
 }
 
 /// One regular file of a replicated tree.
