@@ -186,6 +186,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         started.run_id, args.job
     );
     let begun = std::time::Instant::now();
+    let mut poll = Duration::from_millis(25);
     let mut last_status = String::new();
     let mut last_line = std::time::Instant::now();
     let mut shown_progress: Option<f64> = None;
@@ -247,7 +248,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 ExitCode::from(1)
             });
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Short runs end within a fraction of a second: look often at
+        // first, then twice a second.
+        tokio::time::sleep(poll).await;
+        poll = (poll * 2).min(Duration::from_millis(500));
     }
 }
 
