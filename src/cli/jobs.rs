@@ -186,7 +186,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         started.run_id, args.job
     );
     let begun = std::time::Instant::now();
-    let mut poll = Duration::from_millis(25);
     let mut last_status = String::new();
     let mut last_line = std::time::Instant::now();
     let mut shown_progress: Option<f64> = None;
@@ -250,8 +249,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
         // Short runs end within a fraction of a second: look often at
         // first, then twice a second.
+        let poll = match begun.elapsed().as_secs() {
+            0 => Duration::from_millis(25),
+            1..=4 => Duration::from_millis(100),
+            _ => Duration::from_millis(500),
+        };
         tokio::time::sleep(poll).await;
-        poll = (poll * 2).min(Duration::from_millis(500));
     }
 }
 

@@ -39,13 +39,49 @@ pub struct FileChunks {
 /// Cuts `reader` into chunks and hashes the whole stream in the same pass.
 /// Returns the chunks and the number of bytes read. Memory stays at about
 /// one `MAX_CHUNK` buffer whatever the size of the input.
-fn chunk_reader<R: Read>(reader: R) -> std::io::Result<(FileChunks, u64)> {
-    let mut whole = blake3::Hasher::new();
+fn chunk_reader<R: Read>(reader: R, size_hint: u64) -> std::io::Result<(FileChunks, u64)> {
+    if size_hint < PARALLEL_HASH_FROM {
+        let mut whole = blake3::Hasher::new();
+        let result = chunk_stream(reader, |data| {
+            whole.update(&data);
+        })?;
+        return Ok(finish_chunks(result, &whole));
+    }
+    // A large file: the whole-file hash runs on a second core while this
+    // one cuts and names the chunks (the manifest of a fresh tree is
+    // bound by these two passes).
+    std::thread::scope(|scope| {
+        let (send, receive) = std::sync::mpsc::sync_channel::<Vec<u8>>(8);
+        let hasher = scope.spawn(move || {
+            let mut whole = blake3::Hasher::new();
+            for data in receive {
+                whole.update(&data);
+            }
+            whole
+        });
+        let result = chunk_stream(reader, |data| {
+            // The receiver only stops when this sender is dropped.
+            let _ = send.send(data);
+        });
+        drop(send);
+        let whole = hasher
+            .join()
+            .map_err(|_| std::io::Error::other("the hashing thread panicked"))?;
+        Ok(finish_chunks(result?, &whole))
+    })
+}
+
+/// Files from this size have their whole-file hash computed on a thread of
+/// its own.
+const PARALLEL_HASH_FROM: u64 = 8 << 20;
+
+/// Cuts `reader` into chunks, names each, and hands each chunk's bytes to
+/// `whole` in order.
+fn chunk_stream<R: Read>(reader: R, mut whole: impl FnMut(Vec<u8>)) -> std::io::Result<(Vec<ChunkRef>, u64)> {
     let mut chunks = Vec::new();
     let mut total = 0u64;
     for chunk in StreamCDC::new(reader, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK) {
         let chunk = chunk.map_err(std::io::Error::from)?;
-        whole.update(&chunk.data);
         let len = u32::try_from(chunk.data.len())
             .map_err(|_| std::io::Error::other("the chunker returned a chunk longer than 4 GiB"))?;
         chunks.push(ChunkRef {
@@ -53,9 +89,14 @@ fn chunk_reader<R: Read>(reader: R) -> std::io::Result<(FileChunks, u64)> {
             len,
         });
         total += u64::from(len);
+        whole(chunk.data);
     }
+    Ok((chunks, total))
+}
+
+fn finish_chunks((chunks, total): (Vec<ChunkRef>, u64), whole: &blake3::Hasher) -> (FileChunks, u64) {
     let blake3 = whole.finalize().to_hex().to_string();
-    Ok((FileChunks { blake3, chunks }, total))
+    (FileChunks { blake3, chunks }, total)
 }
 
 /// Opens a file for reading without following a symlink in the final
@@ -91,7 +132,7 @@ pub fn chunk_file(path: &Path) -> Result<FileChunks, String> {
     if !meta.is_file() {
         return Err(format!("cannot read {}: not a regular file", path.display()));
     }
-    chunk_reader(&file)
+    chunk_reader(&file, meta.len())
         .map(|(chunks, _)| chunks)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
@@ -119,7 +160,7 @@ fn ctime_ns(meta: &Metadata) -> i64 {
 /// (`rsync --inplace -t`, `touch -r`), and nothing can put the ctime back;
 /// a chmod costs one needless re-read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileState {
+pub struct FileState {
     size: u64,
     mtime_ns: i64,
     ctime_ns: i64,
@@ -127,7 +168,7 @@ struct FileState {
 }
 
 impl FileState {
-    fn of(meta: &Metadata) -> FileState {
+    pub fn of(meta: &Metadata) -> FileState {
         FileState {
             size: meta.len(),
             mtime_ns: mtime_ns(meta),
@@ -327,6 +368,24 @@ impl ChunkCache {
         cache
     }
 
+    /// Whether `path` already holds what [`ChunkCache::save`] would write:
+    /// after a walk that took every file from the cache (`all_hits`), the
+    /// entries are the old ones exactly when they have the same length (a
+    /// file gone shortens them; a new or changed one is not a hit). Saving
+    /// then only costs a rewrite and an fsync of the whole cache.
+    pub fn same_as_saved(&self, path: &Path, all_hits: bool) -> bool {
+        let Some((entries, start)) = &self.entries else {
+            return false;
+        };
+        let Ok(header) = serde_json::to_vec(&CacheHeader::current()) else {
+            return false;
+        };
+        let (Ok(walked), Ok(saved)) = (entries.metadata(), fs::metadata(path)) else {
+            return false;
+        };
+        all_hits && walked.len().saturating_sub(*start) + header.len() as u64 + 1 == saved.len()
+    }
+
     /// Writes the cache atomically: a temporary file in the same folder,
     /// flushed to disk, then renamed over `path`, so that a crash leaves the
     /// old cache or the new one, never half of one. After a walk, only the
@@ -403,6 +462,8 @@ impl ChunkCache {
         CacheWalk {
             old,
             peeked: None,
+            old_read: 0,
+            previous: None,
             spill,
             name: self.name.clone(),
         }
@@ -438,10 +499,11 @@ fn create_spill(dir: &Path) -> std::io::Result<File> {
     Ok(file)
 }
 
-/// Checks a cache file through, one line at a time: the header, then every
-/// line well-formed and the paths strictly increasing. Returns the offset
-/// of the first entry, or `None` when it was made with other chunk sizes or
-/// another format version.
+/// Checks a cache file's header. Returns the offset of the first entry, or
+/// `None` when it was made with other chunk sizes or another format
+/// version. The entries are checked as a walk reads them (see
+/// `CacheWalk::next_old`): reading them all here as well would double the
+/// cost of walking an unchanged tree.
 fn check_cache<R: BufRead>(mut reader: R) -> Result<Option<u64>, String> {
     let mut first = String::new();
     let start = reader.read_line(&mut first).map_err(|e| e.to_string())?;
@@ -455,16 +517,6 @@ fn check_cache<R: BufRead>(mut reader: R) -> Result<Option<u64>, String> {
     if header != CacheHeader::current() {
         return Ok(None);
     }
-    let mut previous: Option<String> = None;
-    for (n, line) in reader.lines().enumerate() {
-        let line = line.map_err(|e| e.to_string())?;
-        let parsed: CacheLine = serde_json::from_str(&line).map_err(|e| format!("line {}: {e}", n + 2))?;
-        parsed.check().map_err(|e| format!("line {}: {e}", n + 2))?;
-        if previous.as_deref().is_some_and(|p| p >= parsed.p.as_str()) {
-            return Err(format!("line {}: paths out of order", n + 2));
-        }
-        previous = Some(parsed.p);
-    }
     Ok(Some(start as u64))
 }
 
@@ -472,26 +524,42 @@ fn check_cache<R: BufRead>(mut reader: R) -> Result<Option<u64>, String> {
 /// (both are in path order), the new ones written out.
 struct CacheWalk {
     old: Option<std::io::Lines<BufReader<File>>>,
-    /// An old entry read ahead: its path is past the walk's.
-    peeked: Option<CacheLine>,
+    /// An old entry read ahead (with its text): its path is past the walk's.
+    peeked: Option<(CacheLine, String)>,
+    /// Old entries read so far, and the last one's path: the entries must
+    /// come in strictly increasing path order.
+    old_read: u64,
+    previous: Option<String>,
     spill: Option<BufWriter<File>>,
     name: String,
 }
 
 impl CacheWalk {
-    fn next_old(&mut self) -> Option<CacheLine> {
+    /// The next old entry, checked: well-formed, consistent, and past the
+    /// previous one. A bad entry ends the use of the old cache (what was
+    /// read before it was good; the rest of the tree is read again).
+    fn next_old(&mut self) -> Option<(CacheLine, String)> {
         if let Some(line) = self.peeked.take() {
             return Some(line);
         }
-        let result = match self.old.as_mut()?.next()? {
-            Ok(text) => serde_json::from_str::<CacheLine>(&text).map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
+        let text = self.old.as_mut()?.next()?;
+        self.old_read += 1;
+        let line = self.old_read + 1;
+        let result = text.map_err(|e| e.to_string()).and_then(|text| {
+            let parsed: CacheLine = serde_json::from_str(&text).map_err(|e| format!("line {line}: {e}"))?;
+            parsed.check().map_err(|e| format!("line {line}: {e}"))?;
+            if self.previous.as_deref().is_some_and(|p| p >= parsed.p.as_str()) {
+                return Err(format!("line {line}: paths out of order"));
+            }
+            Ok((parsed, text))
+        });
         match result {
-            Ok(line) => Some(line),
+            Ok((parsed, text)) => {
+                self.previous = Some(parsed.p.clone());
+                Some((parsed, text))
+            }
             Err(e) => {
-                // Checked at load: only an I/O error gets here.
-                tracing::warn!(cache = %self.name, error = %e, "cannot read the chunk cache; not using the rest of it");
+                tracing::warn!(cache = %self.name, error = %e, "the chunk cache is corrupt; not using the rest of it");
                 self.old = None;
                 None
             }
@@ -501,17 +569,18 @@ impl CacheWalk {
     /// The chunks of `rel` if it is still in the state they were made
     /// from. Old entries before `rel` are files that are gone: dropped.
     fn lookup(&mut self, rel: &str, state: FileState) -> Option<FileChunks> {
-        while let Some(line) = self.next_old() {
+        while let Some((line, text)) = self.next_old() {
             match line.p.as_str().cmp(rel) {
                 std::cmp::Ordering::Less => continue,
                 std::cmp::Ordering::Equal if line.state() == state => {
                     let chunks = line.file_chunks();
-                    self.write(&line);
+                    // The checked text as it was: no need to write it anew.
+                    self.write_text(&text);
                     return Some(chunks);
                 }
                 std::cmp::Ordering::Equal => return None,
                 std::cmp::Ordering::Greater => {
-                    self.peeked = Some(line);
+                    self.peeked = Some((line, text));
                     return None;
                 }
             }
@@ -538,13 +607,22 @@ impl CacheWalk {
         }
     }
 
+    fn write_text(&mut self, text: &str) {
+        let Some(out) = self.spill.as_mut() else { return };
+        let written = out.write_all(text.as_bytes()).and_then(|()| out.write_all(b"\n"));
+        if let Err(e) = written {
+            tracing::warn!(cache = %self.name, error = %e, "cannot write the chunk cache; this walk will not be remembered");
+            self.spill = None;
+        }
+    }
+
     /// The file of the entries this walk saw (plus, if it stopped early,
     /// the old entries it did not reach), or `None` if it could not be
     /// written.
     fn finish(mut self, complete: bool) -> Option<File> {
         if !complete {
-            while let Some(line) = self.next_old() {
-                self.write(&line);
+            while let Some((_, text)) = self.next_old() {
+                self.write_text(&text);
             }
         }
         let out = self.spill.take()?;
@@ -710,7 +788,7 @@ fn chunk_stable(path: &Path, stats: &mut WalkStats) -> Result<Option<(Metadata, 
             tracing::debug!(path = %path.display(), "file replaced during the walk");
             return Ok(None);
         }
-        let (chunks, read) = chunk_reader(&file).map_err(read_err)?;
+        let (chunks, read) = chunk_reader(&file, before.len()).map_err(read_err)?;
         stats.bytes_read += read;
         let after = file.metadata().map_err(read_err)?;
         let stable = read == before.len()
@@ -735,7 +813,7 @@ fn visit_file(
     rel: String,
     cache: &mut CacheWalk,
     stats: &mut WalkStats,
-) -> Result<Option<ManifestEntry>, String> {
+) -> Result<Option<(ManifestEntry, FileState)>, String> {
     let meta = match fs::symlink_metadata(path) {
         Ok(meta) => meta,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -761,14 +839,15 @@ fn visit_file(
             (meta, chunks)
         }
     };
-    Ok(Some(ManifestEntry {
+    let entry = ManifestEntry {
         path: rel,
         size: meta.len(),
         mode: meta.mode() & 0o777,
         mtime_ns: mtime_ns(&meta),
         blake3: chunks.blake3,
         chunks: chunks.chunks,
-    }))
+    };
+    Ok(Some((entry, FileState::of(&meta))))
 }
 
 /// Visits every regular file under `root`, in the byte order of their
@@ -784,7 +863,7 @@ fn visit_file(
 pub fn walk(
     root: &Path,
     cache: &mut ChunkCache,
-    visit: impl FnMut(ManifestEntry) -> Result<(), String>,
+    visit: impl FnMut(ManifestEntry, FileState) -> Result<(), String>,
 ) -> Result<WalkStats, String> {
     let meta = fs::metadata(root).map_err(|e| describe_dir(root, &e))?;
     if !meta.is_dir() {
@@ -801,7 +880,7 @@ fn walk_tree(
     root: &Path,
     cache: &mut CacheWalk,
     stats: &mut WalkStats,
-    mut visit: impl FnMut(ManifestEntry) -> Result<(), String>,
+    mut visit: impl FnMut(ManifestEntry, FileState) -> Result<(), String>,
 ) -> Result<(), String> {
     let children = list_dir(root, stats)?.ok_or_else(|| format!("folder {} does not exist", root.display()))?;
     let mut stack = vec![Frame {
@@ -826,10 +905,10 @@ fn walk_tree(
             }
             continue;
         }
-        if let Some(entry) = visit_file(&path, rel, cache, stats)? {
+        if let Some((entry, state)) = visit_file(&path, rel, cache, stats)? {
             stats.files += 1;
             stats.bytes += entry.size;
-            visit(entry)?;
+            visit(entry, state)?;
         }
     }
     Ok(())
@@ -889,15 +968,21 @@ fn check_no_symlink_dirs(root: &Path, entry_path: &str) -> Result<(), ChunkReadE
 }
 
 /// Reads `len` bytes at `offset` of `root/entry_path` and checks that they
-/// hash to `expected_id`. The path must be a safe relative path and must
-/// not go through a symlink; `len` is at most `MAX_CHUNK`, so a peer cannot
-/// make the agent allocate more.
+/// are still the chunk `expected_id`: when the file's size, mtime, ctime and
+/// inode are `known` (those the manifest was made from) before and after
+/// the read, it is (nothing can write a file without changing its ctime),
+/// and hashing again would only cost CPU; otherwise the bytes must hash to
+/// the id. (The destination checks every chunk against its id anyway.) The
+/// path must be a safe relative path and must not go through a symlink;
+/// `len` is at most `MAX_CHUNK`, so a peer cannot make the agent allocate
+/// more.
 pub fn read_chunk(
     root: &Path,
     entry_path: &str,
     offset: u64,
     len: u32,
     expected_id: &str,
+    known: Option<FileState>,
 ) -> Result<Vec<u8>, ChunkReadError> {
     if !is_safe_relative_path(entry_path) {
         return Err(ChunkReadError::Io(format!(
@@ -933,7 +1018,10 @@ pub fn read_chunk(
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(ChunkReadError::Changed),
         Err(e) => return Err(ChunkReadError::Io(format!("cannot read {}: {e}", path.display()))),
     }
-    if blake3::hash(&buf) != expected {
+    let unchanged = known.is_some_and(|known| {
+        FileState::of(&meta) == known && file.metadata().is_ok_and(|after| FileState::of(&after) == known)
+    });
+    if !unchanged && blake3::hash(&buf) != expected {
         return Err(ChunkReadError::Changed);
     }
     Ok(buf)
@@ -998,12 +1086,32 @@ mod tests {
 
     fn walk_all(root: &Path, cache: &mut ChunkCache) -> (Vec<ManifestEntry>, WalkStats) {
         let mut entries = Vec::new();
-        let stats = walk(root, cache, |e| {
+        let stats = walk(root, cache, |e, _| {
             entries.push(e);
             Ok(())
         })
         .expect("walk");
         (entries, stats)
+    }
+
+    #[test]
+    fn a_large_file_hashed_on_two_cores_gets_the_same_names() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = pseudo_random((PARALLEL_HASH_FROM + 3 * 1024 * 1024 + 17) as usize, 5);
+        let path = dir.path().join("big");
+        write_old(&path, &data);
+        let parallel = chunk_file(&path).expect("chunk");
+        let (inline, total) = chunk_reader(&data[..], 0).expect("chunk inline");
+        assert_eq!(total, data.len() as u64);
+        assert_eq!(parallel, inline);
+        assert_eq!(parallel.blake3, blake3::hash(&data).to_hex().to_string());
+        let mut offset = 0usize;
+        for chunk in &parallel.chunks {
+            let bytes = &data[offset..offset + chunk.len as usize];
+            assert_eq!(chunk.id, blake3::hash(bytes).to_hex().to_string());
+            offset += chunk.len as usize;
+        }
+        assert_eq!(offset, data.len());
     }
 
     #[test]
@@ -1189,7 +1297,7 @@ mod tests {
         }
         let mut cache = ChunkCache::new();
         walk_all(dir.path(), &mut cache);
-        let err = walk(dir.path(), &mut cache, |e| {
+        let err = walk(dir.path(), &mut cache, |e, _| {
             if e.path == "b" {
                 Err("peer went away".to_string())
             } else {
@@ -1221,22 +1329,55 @@ mod tests {
         for text in [
             "",
             "garbage\n",
-            "{\"format\":\"dicops-chunk-cache\",\"version\":1,\"min\":16384,\"avg\":65536,\"max\":262144}\n{\"p\":",
             "{\"format\":\"dicops-chunk-cache\",\"version\":1,\"min\":1,\"avg\":65536,\"max\":262144}\n",
-            // Paths out of order.
-            "{\"format\":\"dicops-chunk-cache\",\"version\":1,\"min\":16384,\"avg\":65536,\"max\":262144}\n\
-             {\"p\":\"b\",\"s\":0,\"m\":0,\"t\":0,\"i\":1,\"b\":\"af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262\"}\n\
-             {\"p\":\"a\",\"s\":0,\"m\":0,\"t\":0,\"i\":2,\"b\":\"af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262\"}\n",
-            // Chunk lengths that do not add up to the size.
-            "{\"format\":\"dicops-chunk-cache\",\"version\":1,\"min\":16384,\"avg\":65536,\"max\":262144}\n\
-             {\"p\":\"x\",\"s\":5,\"m\":0,\"t\":0,\"i\":1,\"b\":\"af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262\",\
-             \"c\":[[\"af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262\",1],\
-             [\"af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262\",1]]}\n",
         ] {
             fs::write(&path, text).expect("write");
             assert!(ChunkCache::load(&path).entries.is_none(), "{text:?}");
         }
         assert!(ChunkCache::load(&dir.path().join("missing")).entries.is_none());
+    }
+
+    #[test]
+    fn a_walk_uses_a_cache_only_up_to_its_first_bad_entry() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tree = dir.path().join("tree");
+        fs::create_dir(&tree).expect("mkdir");
+        // Larger than a chunk: each entry lists its chunks.
+        for (name, seed) in [("a", 1), ("b", 5), ("c", 7)] {
+            write_old(&tree.join(name), &pseudo_random(300_000, seed));
+        }
+        let cache_path = dir.path().join("cache");
+        let mut cache = ChunkCache::new();
+        let (truth, _) = walk_all(&tree, &mut cache);
+        cache.save(&cache_path).expect("save");
+        let good = fs::read_to_string(&cache_path).expect("read");
+        let lines: Vec<&str> = good.lines().collect();
+        assert_eq!(lines.len(), 4, "header and three entries");
+        let size_of_b = format!("\"s\":{}", 300_000);
+        for (damage, hits) in [
+            // b's size no longer matches its chunks: a is used, b and c not.
+            (
+                format!(
+                    "{}\n{}\n{}\n{}\n",
+                    lines[0],
+                    lines[1],
+                    lines[2].replacen(&size_of_b, "\"s\":5", 1),
+                    lines[3]
+                ),
+                1,
+            ),
+            // Not JSON from b on.
+            (format!("{}\n{}\n{{\"p\":\n{}\n", lines[0], lines[1], lines[3]), 1),
+            // Out of order (b before a): b is used, then the order breaks.
+            (format!("{}\n{}\n{}\n{}\n", lines[0], lines[2], lines[1], lines[3]), 1),
+        ] {
+            fs::write(&cache_path, &damage).expect("write");
+            let mut cache = ChunkCache::load(&cache_path);
+            let (entries, stats) = walk_all(&tree, &mut cache);
+            assert_eq!(entries, truth, "{damage}");
+            assert_eq!(stats.cache_hits, hits, "{damage}");
+            assert_eq!(stats.bytes_read, 2 * 300_000, "{damage}");
+        }
     }
 
     #[test]
@@ -1264,34 +1405,41 @@ mod tests {
         let data = pseudo_random(400 * 1024, 9);
         write_old(&root.join("sub/f"), &data);
         let mut entries = Vec::new();
-        walk(root, &mut ChunkCache::new(), |e| {
-            entries.push(e);
+        walk(root, &mut ChunkCache::new(), |e, state| {
+            entries.push((e, state));
             Ok(())
         })
         .expect("walk");
-        let entry = &entries[0];
+        let (entry, state) = &entries[0];
         assert!(entry.chunks.len() >= 2);
-        for (offset, chunk) in chunk_offsets(entry) {
-            let bytes = read_chunk(root, &entry.path, offset, chunk.len, &chunk.id).expect("read");
-            assert_eq!(bytes, &data[offset as usize..offset as usize + chunk.len as usize]);
+        // With the state the manifest was made from, or without (hashed).
+        for known in [Some(*state), None] {
+            for (offset, chunk) in chunk_offsets(entry) {
+                let bytes = read_chunk(root, &entry.path, offset, chunk.len, &chunk.id, known).expect("read");
+                assert_eq!(bytes, &data[offset as usize..offset as usize + chunk.len as usize]);
+            }
         }
         let (offset, last) = chunk_offsets(entry).last().expect("last");
 
+        // Rewritten in place, same size: the state differs, so the bytes
+        // are hashed and found changed.
         let mut changed = data.clone();
         changed[offset as usize] ^= 1;
         fs::write(root.join("sub/f"), &changed).expect("write");
-        assert_eq!(
-            read_chunk(root, &entry.path, offset, last.len, &last.id),
-            Err(ChunkReadError::Changed)
-        );
+        for known in [Some(*state), None] {
+            assert_eq!(
+                read_chunk(root, &entry.path, offset, last.len, &last.id, known),
+                Err(ChunkReadError::Changed)
+            );
+        }
         fs::write(root.join("sub/f"), &data[..1000]).expect("truncate");
         assert_eq!(
-            read_chunk(root, &entry.path, offset, last.len, &last.id),
+            read_chunk(root, &entry.path, offset, last.len, &last.id, Some(*state)),
             Err(ChunkReadError::Changed)
         );
         fs::remove_file(root.join("sub/f")).expect("rm");
         assert_eq!(
-            read_chunk(root, &entry.path, offset, last.len, &last.id),
+            read_chunk(root, &entry.path, offset, last.len, &last.id, Some(*state)),
             Err(ChunkReadError::Changed)
         );
     }
@@ -1306,18 +1454,18 @@ mod tests {
         std::os::unix::fs::symlink(outside.path(), root.join("dirlink")).expect("symlink");
         let id = blake3::hash(b"secret").to_hex().to_string();
         for path in ["link", "dirlink/secret", "../secret", "/etc/passwd"] {
-            match read_chunk(root, path, 0, 6, &id) {
+            match read_chunk(root, path, 0, 6, &id, None) {
                 Err(ChunkReadError::Io(_)) => {}
                 other => panic!("{path}: {other:?}"),
             }
         }
         fs::write(root.join("f"), b"x").expect("write");
         assert!(matches!(
-            read_chunk(root, "f", 0, MAX_CHUNK + 1, &id),
+            read_chunk(root, "f", 0, MAX_CHUNK + 1, &id, None),
             Err(ChunkReadError::Io(_))
         ));
         assert!(matches!(
-            read_chunk(root, "f", 0, 1, "not hex"),
+            read_chunk(root, "f", 0, 1, "not hex", None),
             Err(ChunkReadError::Io(_))
         ));
     }

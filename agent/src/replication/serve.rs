@@ -24,7 +24,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 
-use super::chunks::{self, ChunkCache, ChunkReadError};
+use super::chunks::{self, ChunkCache, ChunkReadError, FileState};
 use crate::backup::Backups;
 use crate::report::now_unix;
 
@@ -59,6 +59,9 @@ struct RunIndex {
     paths: Vec<String>,
     /// (size, mtime_ns) of each file, for the audit once published.
     stats: Vec<(u64, i64)>,
+    /// What each file was when the manifest was made: a chunk read from a
+    /// file still in that state need not be hashed again.
+    states: Vec<FileState>,
     /// chunk id -> (index into paths, offset, length)
     chunks: HashMap<String, (u32, u64, u32)>,
 }
@@ -270,9 +273,10 @@ impl Source {
             export: grant.export.clone(),
             paths: Vec::new(),
             stats: Vec::new(),
+            states: Vec::new(),
             chunks: HashMap::new(),
         };
-        let stats = chunks::walk(root, &mut cache, |entry| {
+        let stats = chunks::walk(root, &mut cache, |entry, state| {
             let file = index.paths.len() as u32;
             for (offset, chunk) in chunks::chunk_offsets(&entry) {
                 index
@@ -282,6 +286,7 @@ impl Source {
             }
             index.paths.push(entry.path.clone());
             index.stats.push((entry.size, entry.mtime_ns));
+            index.states.push(state);
             serde_json::to_writer(&mut body, &entry).map_err(|e| e.to_string())?;
             body.push(b'\n');
             Ok(())
@@ -298,7 +303,10 @@ impl Source {
         let mut first = serde_json::to_vec(&header).map_err(|e| e.to_string())?;
         first.push(b'\n');
         body.splice(0..0, first);
-        if let Err(e) = cache.save(&cache_file) {
+        let all_hits = stats.cache_hits == stats.files;
+        if cache.same_as_saved(&cache_file, all_hits) {
+            tracing::debug!(cache = %cache_file.display(), "the chunk cache is unchanged");
+        } else if let Err(e) = cache.save(&cache_file) {
             tracing::warn!(error = %e, "cannot save the chunk cache; the next run reads the tree again");
         }
         tracing::info!(
@@ -556,7 +564,8 @@ fn frames(index: &RunIndex, request: &ChunkRequest) -> Result<Vec<u8>, Refusal> 
             ));
         }
         let path = &index.paths[file as usize];
-        let bytes = match chunks::read_chunk(&index.root, path, offset, len, id) {
+        let known = index.states.get(file as usize).copied();
+        let bytes = match chunks::read_chunk(&index.root, path, offset, len, id, known) {
             Ok(bytes) => bytes,
             Err(ChunkReadError::Changed) => {
                 return Err((
