@@ -259,10 +259,18 @@ impl Puller {
             *fetched += written?;
             Ok(build)
         }
+        // Two chunk requests in flight on two connections when no rate
+        // limits the run: the source reads and encrypts one batch while
+        // this side decrypts the other (on two cores, about a third more
+        // throughput than one request at a time).
+        type Fetching = tokio::task::JoinHandle<(SourceLink, Result<(Vec<(String, Vec<u8>)>, u64), String>)>;
+        let mut free_links = vec![link];
+        let mut in_flight: std::collections::VecDeque<Fetching> = std::collections::VecDeque::new();
+        let mut to_fetch = batches(&missing, batch_bytes).into_iter();
         let mut idle = Some(build);
         let mut storing: Option<Storing> = None;
         let transfer: Result<(), String> = async {
-            for batch in batches(&missing, batch_bytes) {
+            loop {
                 if let Some(new) = bandwidth().filter(|new| *new != rate) {
                     tracing::info!(run = run_id, from = ?rate, to = ?new, "bandwidth changed by the controller");
                     rate = new;
@@ -271,6 +279,20 @@ impl Puller {
                 if cancel.is_cancelled() {
                     return Err("the run was cancelled (max_runtime passed, or the agent is stopping)".into());
                 }
+                let most = if rate.is_some_and(|r| r > 0) { 1 } else { 2 };
+                while in_flight.len() < most {
+                    let Some(batch) = to_fetch.next() else { break };
+                    let mut link = match free_links.pop() {
+                        Some(link) => link,
+                        None => SourceLink::new(self.tls.clone(), &pull.source_agent, &pull.source_url, stall, run_id)?,
+                    };
+                    let (batch, compress) = (batch.to_vec(), pull.compress);
+                    in_flight.push_back(tokio::spawn(async move {
+                        let answer = link.chunks(&batch, compress).await;
+                        (link, answer)
+                    }));
+                }
+                let Some(next) = in_flight.pop_front() else { break };
                 progress(Progress {
                     phase: "transferring",
                     bytes: fetched,
@@ -281,7 +303,9 @@ impl Puller {
                         dicops_core::units::format_bytes(total_missing)
                     ),
                 });
-                let (chunks, wire) = link.chunks(batch, pull.compress).await?;
+                let (link, answer) = next.await.map_err(|e| format!("internal error: {e}"))?;
+                free_links.push(link);
+                let (chunks, wire) = answer?;
                 on_wire += wire;
                 if let Some(previous) = storing.take() {
                     idle = Some(stored(previous, &mut fetched).await?);
@@ -308,6 +332,9 @@ impl Puller {
             Ok(())
         }
         .await;
+        for fetching in in_flight {
+            fetching.abort();
+        }
         // Never leave a write into the build running past the run's end.
         if let Some(previous) = storing.take() {
             let last = stored(previous, &mut fetched).await;
@@ -352,6 +379,10 @@ impl Puller {
                 store.snapshots()
             })
             .await?
+        };
+        let mut link = match free_links.pop() {
+            Some(link) => link,
+            None => SourceLink::new(self.tls.clone(), &pull.source_agent, &pull.source_url, stall, run_id)?,
         };
         link.published(&entries).await;
         let bytes: u64 = entries.iter().map(|e| e.size).sum();
