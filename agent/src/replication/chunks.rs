@@ -882,6 +882,23 @@ fn walk_tree(
     stats: &mut WalkStats,
     mut visit: impl FnMut(ManifestEntry, FileState) -> Result<(), String>,
 ) -> Result<(), String> {
+    walk_names(root, stats, |path, rel, stats| {
+        if let Some((entry, state)) = visit_file(path, rel, cache, stats)? {
+            stats.files += 1;
+            stats.bytes += entry.size;
+            visit(entry, state)?;
+        }
+        Ok(())
+    })
+}
+
+/// Calls `on_file` with the path and relative path of every name under
+/// `root` that is not a folder, a symlink or special, in walk order.
+fn walk_names(
+    root: &Path,
+    stats: &mut WalkStats,
+    mut on_file: impl FnMut(&Path, String, &mut WalkStats) -> Result<(), String>,
+) -> Result<(), String> {
     let children = list_dir(root, stats)?.ok_or_else(|| format!("folder {} does not exist", root.display()))?;
     let mut stack = vec![Frame {
         dir: root.to_path_buf(),
@@ -905,13 +922,77 @@ fn walk_tree(
             }
             continue;
         }
-        if let Some((entry, state)) = visit_file(&path, rel, cache, stats)? {
-            stats.files += 1;
-            stats.bytes += entry.size;
-            visit(entry, state)?;
-        }
+        on_file(&path, rel, stats)?;
     }
     Ok(())
+}
+
+/// What a tree's files are, without reading them: one hash over the path,
+/// size, mtime, ctime, inode and mode of every regular file, in walk order.
+/// An equal state means a walk would make the same manifest (nothing can
+/// change a file's bytes or mode without changing its ctime), unless a
+/// file changed so shortly before the state was taken that a later write
+/// could keep the same timestamps: such a state is not trusted (`None`).
+pub struct TreeState {
+    hasher: blake3::Hasher,
+    started_ns: i64,
+    racy: bool,
+}
+
+impl Default for TreeState {
+    fn default() -> TreeState {
+        TreeState::new()
+    }
+}
+
+impl TreeState {
+    pub fn new() -> TreeState {
+        TreeState {
+            hasher: blake3::Hasher::new(),
+            started_ns: now_ns(),
+            racy: false,
+        }
+    }
+
+    pub fn add(&mut self, rel: &str, state: &FileState, mode: u32) {
+        self.hasher.update(rel.as_bytes());
+        self.hasher.update(&[0]);
+        for field in [
+            state.size,
+            state.mtime_ns as u64,
+            state.ctime_ns as u64,
+            state.inode,
+            u64::from(mode),
+        ] {
+            self.hasher.update(&field.to_le_bytes());
+        }
+        let newest = state.mtime_ns.max(state.ctime_ns);
+        self.racy |= newest > self.started_ns.saturating_sub(RACY_WINDOW_NS);
+    }
+
+    pub fn finish(self) -> Option<String> {
+        (!self.racy).then(|| self.hasher.finalize().to_hex().to_string())
+    }
+}
+
+/// The [`TreeState`] of `root` from its folders and an lstat of each file:
+/// no file is read and the chunk cache is not used.
+pub fn tree_state(root: &Path) -> Result<Option<String>, String> {
+    let meta = fs::metadata(root).map_err(|e| describe_dir(root, &e))?;
+    if !meta.is_dir() {
+        return Err(format!("{} is not a folder", root.display()));
+    }
+    let mut tree = TreeState::new();
+    walk_names(root, &mut WalkStats::default(), |path, rel, _| {
+        match fs::symlink_metadata(path) {
+            Ok(meta) if meta.is_file() => tree.add(&rel, &FileState::of(&meta), meta.mode() & 0o777),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        }
+        Ok(())
+    })?;
+    Ok(tree.finish())
 }
 
 // ---------------------------------------------------------------------------
@@ -1320,6 +1401,79 @@ mod tests {
         let (_, stats) = walk_all(dir.path(), &mut cache);
         assert_eq!(stats.cache_hits, 0);
         assert_eq!(stats.bytes_read, 12);
+    }
+
+    #[test]
+    fn a_tree_state_changes_with_any_file_and_is_not_trusted_when_fresh() {
+        let old = now_ns() - 3 * RACY_WINDOW_NS;
+        let file = FileState {
+            size: 10,
+            mtime_ns: old,
+            ctime_ns: old,
+            inode: 7,
+        };
+        let state = |files: &[(&str, FileState, u32)]| {
+            let mut tree = TreeState::new();
+            for (rel, state, mode) in files {
+                tree.add(rel, state, *mode);
+            }
+            tree.finish()
+        };
+        let base = state(&[("a", file, 0o644), ("b/c", file, 0o600)]);
+        assert!(base.is_some());
+        assert_eq!(base, state(&[("a", file, 0o644), ("b/c", file, 0o600)]));
+        let changed = [
+            state(&[("a", FileState { size: 11, ..file }, 0o644), ("b/c", file, 0o600)]),
+            state(&[("a", FileState { inode: 8, ..file }, 0o644), ("b/c", file, 0o600)]),
+            state(&[
+                (
+                    "a",
+                    FileState {
+                        ctime_ns: old + 1,
+                        ..file
+                    },
+                    0o644,
+                ),
+                ("b/c", file, 0o600),
+            ]),
+            state(&[("a", file, 0o640), ("b/c", file, 0o600)]),
+            state(&[("a", file, 0o644), ("b/d", file, 0o600)]),
+            state(&[("a", file, 0o644)]),
+        ];
+        for other in changed {
+            assert!(other.is_some() && other != base);
+        }
+        // Changed a moment ago: a later write might keep its timestamps.
+        let fresh = FileState {
+            ctime_ns: now_ns(),
+            ..file
+        };
+        assert_eq!(state(&[("a", fresh, 0o644)]), None);
+    }
+
+    #[test]
+    fn tree_state_sees_only_what_a_walk_replicates() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        fs::create_dir(root.join("sub")).expect("mkdir");
+        write_old(&root.join("a"), b"one");
+        write_old(&root.join("sub/b"), b"two");
+        // Just written (ctime is now): not trusted yet.
+        assert_eq!(tree_state(root).expect("state"), None);
+        std::thread::sleep(std::time::Duration::from_nanos(RACY_WINDOW_NS as u64 + 100_000_000));
+        let settled = tree_state(root).expect("state");
+        assert!(settled.is_some());
+        // A symlink is never replicated: the state stays.
+        std::os::unix::fs::symlink("a", root.join("link")).expect("symlink");
+        assert_eq!(tree_state(root).expect("state"), settled);
+        // The same as a full walk computes.
+        let mut tree = TreeState::new();
+        walk(root, &mut ChunkCache::new(), |entry, state| {
+            tree.add(&entry.path, &state, entry.mode);
+            Ok(())
+        })
+        .expect("walk");
+        assert_eq!(tree.finish(), settled);
     }
 
     #[test]

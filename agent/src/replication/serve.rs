@@ -266,6 +266,30 @@ impl Source {
             entries_blake3: None,
             unchanged: false,
         };
+        // The tree as the last manifest saw it: when its files are all as
+        // they were and the destination holds that manifest, one pass of
+        // lstat answers, without the chunk cache or a manifest.
+        let tree_file = self.cache_dir.join(format!("tree-{}.state", grant.export));
+        if let (Some(unless), Some(saved)) = (unless, load_tree_state(&tree_file)) {
+            if saved.entries_blake3 == unless && chunks::tree_state(root)?.as_deref() == Some(saved.tree.as_str()) {
+                header.files = Some(saved.files);
+                header.bytes = Some(saved.bytes);
+                header.entries_blake3 = Some(saved.entries_blake3);
+                header.unchanged = true;
+                tracing::info!(
+                    run = grant.run_id,
+                    files = saved.files,
+                    bytes = saved.bytes,
+                    read = 0,
+                    unchanged = true,
+                    "manifest built from the tree state alone"
+                );
+                let mut body = serde_json::to_vec(&header).map_err(|e| e.to_string())?;
+                body.push(b'\n');
+                return Ok(body);
+            }
+        }
+        let mut tree = chunks::TreeState::new();
         let mut body = Vec::new();
         let mut index = RunIndex {
             run_id: grant.run_id,
@@ -287,6 +311,7 @@ impl Source {
             index.paths.push(entry.path.clone());
             index.stats.push((entry.size, entry.mtime_ns));
             index.states.push(state);
+            tree.add(&entry.path, &state, entry.mode);
             serde_json::to_writer(&mut body, &entry).map_err(|e| e.to_string())?;
             body.push(b'\n');
             Ok(())
@@ -296,6 +321,13 @@ impl Source {
         header.bytes = Some(stats.bytes);
         let digest = blake3::hash(&body).to_hex().to_string();
         header.unchanged = unless == Some(digest.as_str());
+        let saved = tree.finish().map(|tree| SavedTree {
+            tree,
+            entries_blake3: digest.clone(),
+            files: stats.files,
+            bytes: stats.bytes,
+        });
+        save_tree_state(&tree_file, saved.as_ref());
         header.entries_blake3 = Some(digest);
         if header.unchanged {
             body.clear();
@@ -455,6 +487,40 @@ impl Source {
             }
         }
         marked
+    }
+}
+
+/// The tree state of an export when its last manifest was made, and that
+/// manifest's entries hash (see `chunks::TreeState`).
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedTree {
+    tree: String,
+    entries_blake3: String,
+    files: u64,
+    bytes: u64,
+}
+
+fn load_tree_state(path: &Path) -> Option<SavedTree> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+/// Saves the state, or removes the old one when this walk's is not to be
+/// trusted. Not fsynced: a lost state only costs one full walk.
+fn save_tree_state(path: &Path, saved: Option<&SavedTree>) {
+    let written = match saved {
+        Some(saved) => serde_json::to_vec(saved)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| {
+                let tmp = path.with_extension("state.tmp");
+                std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path))
+            }),
+        None => match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        },
+    };
+    if let Err(e) = written {
+        tracing::warn!(file = %path.display(), error = %e, "cannot save the tree state; the next unchanged run walks the tree in full");
     }
 }
 
