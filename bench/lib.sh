@@ -87,9 +87,13 @@ build_release() {
 }
 
 # `pid ticks` (utime+stime) for every process.
+# Read through cat: awk given the files itself stops at the first process
+# that exits while it reads, and every process after it in the list would
+# then count whole in the next difference.
 cpu_snapshot() {
-    awk '{ line = $0; pid = $1; sub(/^.*\) /, "", line); split(line, f, " ");
-           print pid, f[12] + f[13] }' /proc/[0-9]*/stat 2>/dev/null || true
+    cat /proc/[0-9]*/stat 2>/dev/null |
+        awk '{ line = $0; pid = $1; sub(/^.*\) /, "", line); split(line, f, " ");
+               print pid, f[12] + f[13] }' || true
 }
 
 # CPU ticks used between two snapshots by processes not in the
