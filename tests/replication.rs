@@ -214,10 +214,26 @@ fn snapshots_are_published_whole_and_later_runs_send_only_what_changed() {
         "{last}"
     );
     assert_eq!(snapshot_names().len(), 2);
+    // Retention lowered by a reload applies at the next run, changed or not.
+    let config = d.path("controller.yaml");
+    let text = std::fs::read_to_string(&config)
+        .expect("config")
+        .replace("keep_last: 2", "keep_last: 1");
+    std::fs::write(&config, text).expect("write");
+    let (code, out, err) = d.cli(&["reload"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let sixth = run_job(d, "dumps-to-dc2");
+    assert_eq!(sixth.bytes, Some(0), "{sixth:?}");
+    let kept = snapshot_names();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(
+        std::fs::canonicalize(job_dir.join("latest")).expect("latest"),
+        job_dir.join("snapshots").join(&kept[0])
+    );
 
     let metrics = d.metrics();
     let l = [("job", "dumps-to-dc2"), ("site", "dc2"), ("source_site", "dc1")];
-    assert_eq!(sample(&metrics, "dicops_snapshots", &l), Some(2.0));
+    assert_eq!(sample(&metrics, "dicops_snapshots", &l), Some(1.0));
     assert_eq!(sample(&metrics, "dicops_replication_max_lag_seconds", &l), Some(3600.0));
     let lag = sample(&metrics, "dicops_replication_lag_seconds", &l).expect("lag");
     assert!(lag < 120.0, "{lag}");
@@ -241,7 +257,7 @@ fn snapshots_are_published_whole_and_later_runs_send_only_what_changed() {
             "dicops_replication_runs_total",
             &[("job", "dumps-to-dc2"), ("result", "succeeded")]
         ),
-        Some(6.0)
+        Some(7.0)
     );
     promtool_check_metrics(&metrics);
 
@@ -878,4 +894,35 @@ fn chunks_travel_compressed_when_that_pays() {
         let latest = std::fs::canonicalize(s.replicas.join(job).join("latest")).expect("latest");
         assert_eq!(std::fs::read(latest.join("orders.sql")).expect("read"), rows.as_bytes());
     }
+}
+
+#[test]
+fn a_flood_of_connections_to_the_data_port_is_refused_and_runs_go_on() {
+    let s = sites(
+        "  - {name: flooded, source: {agent: db01, export: dumps}, destination: {agent: backup01, root: replicas}, retries: 0}\n",
+    );
+    write(&s.source.join("db.dump"), &noise(256 << 10, 41));
+    let d = &s.d;
+    let _controller = d.start_controller();
+    let _db01 = d.start_agent("db01");
+    let _backup01 = d.start_agent("backup01");
+    d.wait_agents_up(&["db01", "backup01"], Duration::from_secs(20));
+    // More idle connections than the data port holds (64), none finishing
+    // its TLS handshake.
+    let flood: Vec<std::net::TcpStream> = (0..80)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", s.data_port)).expect("connect"))
+        .collect();
+    wait_until(Duration::from_secs(10), "the refusal logged", || {
+        let log = std::fs::read_to_string(d.path("agent-db01.log")).unwrap_or_default();
+        log.contains("data port: too many open connections; refusing")
+            .then_some(())
+    });
+    // The agent still reports while its data port is full.
+    d.wait_agents_up(&["db01"], Duration::from_secs(10));
+    drop(flood);
+    // The slots come back as the flood's connections close.
+    let run = run_job(d, "flooded");
+    assert_eq!(run.status, "succeeded", "{run:?}");
+    let latest = std::fs::canonicalize(s.replicas.join("flooded/latest")).expect("latest");
+    assert_eq!(tree(&latest), tree(&s.source));
 }

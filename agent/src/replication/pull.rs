@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dicops_core::retention::RetentionPolicy;
 use dicops_net::{ClientError, HttpsClient, TlsReloader};
 use dicops_proto::{
     ApiError, ChunkRef, Identity, ManifestEntry, ManifestHeader, PullTask, ReplicationStats, VerifyStats, VerifyTask,
@@ -214,7 +215,8 @@ impl Puller {
         let (header, entries) = link.manifest(job, &cancel, unless.as_deref()).await?;
         if header.unchanged {
             if let Some((snapshot, _)) = held {
-                return self.unchanged(run_id, &store, snapshot, &header).await;
+                let retention = (super::snapshot_retention(&pull.retention), tz, root.join(job));
+                return self.unchanged(run_id, &store, snapshot, &header, retention).await;
             }
         }
         // Shared, not copied, with the blocking tasks: a manifest of a large
@@ -403,17 +405,28 @@ impl Puller {
 impl Puller {
     /// The source holds exactly the tree of the newest snapshot: nothing to
     /// fetch or build, and no new snapshot (it would be that one again).
-    /// The run confirms that the other site is current as of now.
+    /// The run confirms that the other site is current as of now, and
+    /// applies retention (which a reload may have changed).
     async fn unchanged(
         &self,
         run_id: i64,
         store: &Arc<JobStore>,
         snapshot: String,
         header: &ManifestHeader,
+        (retention, tz, job_dir): (RetentionPolicy, chrono_tz::Tz, PathBuf),
     ) -> Result<ReplicationStats, String> {
         let snapshots = {
-            let store = store.clone();
-            blocking(move || store.snapshots()).await?
+            let (store, keep) = (store.clone(), snapshot.clone());
+            blocking(move || {
+                let mut in_use = super::verify::in_use(&job_dir);
+                in_use.push(keep);
+                let deleted = store.apply_retention(&retention, tz, &in_use)?;
+                if !deleted.is_empty() {
+                    tracing::info!(deleted = ?deleted, "snapshots deleted by retention");
+                }
+                store.snapshots()
+            })
+            .await?
         };
         tracing::info!(run = run_id, snapshot = %snapshot, "the source's tree is unchanged since the newest snapshot");
         let bytes = header.bytes.unwrap_or(0);

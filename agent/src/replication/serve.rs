@@ -690,6 +690,11 @@ async fn read_body<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Re
     serde_json::from_slice(&bytes).map_err(|e| error(StatusCode::BAD_REQUEST, "malformed", e.to_string()))
 }
 
+/// Connections the data port holds at once. A run uses two; the limit
+/// bounds what peers (or a flood of half-open connections, each cut after
+/// the handshake timeout) can take from the agent.
+pub const MAX_DATA_CONNECTIONS: usize = 64;
+
 /// Listens on the data port until `shutdown`.
 pub async fn serve(
     source: Arc<Source>,
@@ -697,6 +702,7 @@ pub async fn serve(
     tls: Arc<dicops_net::TlsReloader>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_DATA_CONNECTIONS));
     loop {
         let (tcp, addr) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -709,11 +715,16 @@ pub async fn serve(
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(peer = %addr, limit = MAX_DATA_CONNECTIONS, "data port: too many open connections; refusing");
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
         let source = source.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let (tls, peer) = match dicops_net::server::accept(&acceptor, tcp, addr).await {
                 Ok(accepted) => accepted,
                 Err((reason, error)) => {
