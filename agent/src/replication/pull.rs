@@ -18,7 +18,7 @@ use hyper::{Method, StatusCode};
 use tokio_util::sync::CancellationToken;
 
 use super::serve::{encode_hex32, ChunkRequest, PublishedFile, CODEC_RAW, CODEC_ZSTD};
-use super::snapshot::{Build, JobStore};
+use super::snapshot::{Build, JobStore, VerifiedChunk};
 
 /// Bytes of chunks asked for in one request (the source allows 16 MiB);
 /// under a bandwidth limit, about half a second's worth, so that the rate
@@ -309,14 +309,23 @@ impl Puller {
                 free_links.push(link);
                 let (chunks, wire) = answer?;
                 on_wire += wire;
+                // Checked against their ids on one core while the previous
+                // batch is written on the other.
+                let checking = tokio::task::spawn_blocking(move || {
+                    chunks
+                        .into_iter()
+                        .map(|(id, bytes)| VerifiedChunk::check(id, bytes))
+                        .collect::<Result<Vec<_>, String>>()
+                });
                 if let Some(previous) = storing.take() {
                     idle = Some(stored(previous, &mut fetched).await?);
                 }
+                let chunks = checking.await.map_err(|e| format!("internal error: {e}"))??;
                 let mut build = idle.take().ok_or("internal error: the build is gone")?;
                 storing = Some(tokio::task::spawn_blocking(move || {
                     let mut bytes = 0u64;
-                    for (id, chunk) in chunks {
-                        match build.add_chunk(&id, &chunk) {
+                    for chunk in &chunks {
+                        match build.add_verified(chunk) {
                             Ok(n) => bytes += n,
                             Err(e) => return (build, Err(e)),
                         }

@@ -165,6 +165,30 @@ impl std::fmt::Debug for Build {
     }
 }
 
+/// A fetched chunk whose bytes hash to its id: only
+/// [`VerifiedChunk::check`] makes one.
+#[derive(Debug)]
+pub struct VerifiedChunk {
+    id: String,
+    bytes: Vec<u8>,
+}
+
+impl VerifiedChunk {
+    pub fn check(id: String, bytes: Vec<u8>) -> Result<VerifiedChunk, String> {
+        if !is_chunk_id(&id) {
+            return Err(format!("refused: {id:?} is not a chunk id (BLAKE3 hex)"));
+        }
+        let actual = blake3::hash(&bytes).to_hex();
+        if actual.as_str() != id {
+            return Err(format!(
+                "refused: chunk {id} ({} bytes received) has BLAKE3 {actual}: damaged in transit",
+                bytes.len()
+            ));
+        }
+        Ok(VerifiedChunk { id, bytes })
+    }
+}
+
 /// What a publish did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {
@@ -816,17 +840,16 @@ impl Build {
 
     /// Verifies a fetched chunk against its id and writes it to every place
     /// it goes; returns its length.
+    #[cfg(test)]
     pub fn add_chunk(&mut self, id: &str, bytes: &[u8]) -> Result<u64, String> {
-        if !is_chunk_id(id) {
-            return Err(format!("refused: {id:?} is not a chunk id (BLAKE3 hex)"));
-        }
-        let actual = blake3::hash(bytes).to_hex();
-        if actual.as_str() != id {
-            return Err(format!(
-                "refused: chunk {id} ({} bytes received) has BLAKE3 {actual}: damaged in transit",
-                bytes.len()
-            ));
-        }
+        let chunk = VerifiedChunk::check(id.to_string(), bytes.to_vec())?;
+        self.add_verified(&chunk)
+    }
+
+    /// Writes a chunk checked beforehand (on another thread, while this
+    /// build writes the previous ones) to every place it goes.
+    pub fn add_verified(&mut self, chunk: &VerifiedChunk) -> Result<u64, String> {
+        let (id, bytes) = (chunk.id.as_str(), chunk.bytes.as_slice());
         let Some(places) = self.wanted.remove(id) else {
             return Err(format!(
                 "refused: chunk {id} was not asked for, or was already received"
