@@ -7,7 +7,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use harness::{free_port, promtool_check_metrics, sample, wait_until, Deployment};
+use harness::{free_port, promtool_check_metrics, sample, wait_until, Deployment, Process};
 
 /// Pseudo-random bytes (xorshift), reproducible and incompressible.
 fn noise(len: usize, seed: u64) -> Vec<u8> {
@@ -90,6 +90,26 @@ fn sites(replications: &str) -> Sites {
     }
 }
 
+/// The controller and both agents of [`sites`], running and reporting.
+struct Running {
+    _controller: Process,
+    db01: Process,
+    backup01: Process,
+}
+
+impl Sites {
+    fn start(&self) -> Running {
+        let d = &self.d;
+        let running = Running {
+            _controller: d.start_controller(),
+            db01: d.start_agent("db01"),
+            backup01: d.start_agent("backup01"),
+        };
+        d.wait_agents_up(&["db01", "backup01"], Duration::from_secs(20));
+        running
+    }
+}
+
 fn run_job(d: &Deployment, job: &str) -> dicops_proto::RunInfo {
     let (code, out, err) = d.cli(&["run", job, "--follow"]);
     let run = d.runs(job).remove(0);
@@ -112,10 +132,7 @@ fn snapshots_are_published_whole_and_later_runs_send_only_what_changed() {
     }
     std::os::unix::fs::symlink("/etc/passwd", s.source.join("escape")).expect("symlink");
     let d = &s.d;
-    let _controller = d.start_controller();
-    let _db01 = d.start_agent("db01");
-    let _backup01 = d.start_agent("backup01");
-    d.wait_agents_up(&["db01", "backup01"], Duration::from_secs(20));
+    let _running = s.start();
 
     let first = run_job(d, "dumps-to-dc2");
     let job_dir = s.replicas.join("dumps-to-dc2");
@@ -359,10 +376,8 @@ fn a_stalled_transfer_is_aborted_and_its_retry_resumes_without_resending() {
     );
     write(&s.source.join("db.dump"), &noise(4 << 20, 11));
     let d = &s.d;
-    let _controller = d.start_controller();
-    let db01 = d.start_agent("db01");
-    let _backup01 = d.start_agent("backup01");
-    d.wait_agents_up(&["db01", "backup01"], Duration::from_secs(20));
+    let running = s.start();
+    let db01 = &running.db01;
     let (code, _, _) = d.cli(&["run", "stalls"]);
     assert_eq!(code, 0);
     let id = wait_until(Duration::from_secs(10), "run started", || {
@@ -603,10 +618,7 @@ fn a_full_destination_disk_fails_the_run_and_keeps_earlier_snapshots() {
     let _disk = SmallDisk::mount(&s.replicas, "6m");
     write(&s.source.join("small.dump"), &noise(2 << 20, 21));
     let d = &s.d;
-    let _controller = d.start_controller();
-    let _db01 = d.start_agent("db01");
-    let _backup01 = d.start_agent("backup01");
-    d.wait_agents_up(&["db01", "backup01"], Duration::from_secs(20));
+    let _running = s.start();
     run_job(d, "fills");
     let first = std::fs::canonicalize(s.replicas.join("fills/latest")).expect("first snapshot");
     let before = tree(&first);
@@ -673,10 +685,11 @@ fn agents_killed_at_random_moments_never_leave_a_partial_snapshot() {
         "  - {name: crashy, source: {agent: db01, export: dumps}, destination: {agent: backup01, root: replicas}, bandwidth: 4MiB/s, retries: 10, retry_backoff: 1s, retry_backoff_max: 2s}\n",
     );
     let d = &s.d;
-    let _controller = d.start_controller();
-    let mut db01 = d.start_agent("db01");
-    let mut backup01 = d.start_agent("backup01");
-    d.wait_agents_up(&["db01", "backup01"], Duration::from_secs(20));
+    let Running {
+        _controller,
+        mut db01,
+        mut backup01,
+    } = s.start();
     let mut seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
@@ -723,10 +736,7 @@ fn a_file_changing_during_the_transfer_is_never_published_torn() {
     );
     write(&s.source.join("live.dump"), &noise(4 << 20, 31));
     let d = &s.d;
-    let _controller = d.start_controller();
-    let _db01 = d.start_agent("db01");
-    let _backup01 = d.start_agent("backup01");
-    d.wait_agents_up(&["db01", "backup01"], Duration::from_secs(20));
+    let _running = s.start();
     let (code, _, _) = d.cli(&["run", "moving"]);
     assert_eq!(code, 0);
     let id = wait_until(Duration::from_secs(10), "run started", || {
@@ -768,10 +778,7 @@ fn the_link_budget_is_shared_and_a_reload_changes_it_without_restarting_the_run(
     s.d.controller_extra += "links:\n  - sites: [dc1, dc2]\n    bandwidth: 256KiB/s\n";
     write(&s.source.join("db.dump"), &noise(4 << 20, 41));
     let d = &s.d;
-    let _controller = d.start_controller();
-    let _db01 = d.start_agent("db01");
-    let _backup01 = d.start_agent("backup01");
-    d.wait_agents_up(&["db01", "backup01"], Duration::from_secs(20));
+    let _running = s.start();
     let (code, _, _) = d.cli(&["run", "linked"]);
     assert_eq!(code, 0);
     let id = wait_until(Duration::from_secs(10), "run started", || {
@@ -822,10 +829,7 @@ fn verify_finds_damage_repairs_from_the_source_and_reports_what_is_lost() {
     write(&s.source.join("b.dump"), &noise(1 << 20, 52));
     write(&s.source.join("c.txt"), b"intact\n");
     let d = &s.d;
-    let _controller = d.start_controller();
-    let _db01 = d.start_agent("db01");
-    let _backup01 = d.start_agent("backup01");
-    d.wait_agents_up(&["db01", "backup01"], Duration::from_secs(20));
+    let _running = s.start();
     run_job(d, "dumps-to-dc2");
     let (code, out, _) = d.cli(&["run", "verify-dumps", "--follow"]);
     assert_eq!(code, 0, "a clean snapshot verifies: {out}");
@@ -878,10 +882,7 @@ fn chunks_travel_compressed_when_that_pays() {
         .collect();
     write(&s.source.join("orders.sql"), rows.as_bytes());
     let d = &s.d;
-    let _controller = d.start_controller();
-    let _db01 = d.start_agent("db01");
-    let _backup01 = d.start_agent("backup01");
-    d.wait_agents_up(&["db01", "backup01"], Duration::from_secs(20));
+    let _running = s.start();
     let size = rows.len() as u64;
     let compressed = run_job(d, "zstd").bytes.expect("bytes");
     let raw = run_job(d, "raw").bytes.expect("bytes");
@@ -903,10 +904,7 @@ fn a_flood_of_connections_to_the_data_port_is_refused_and_runs_go_on() {
     );
     write(&s.source.join("db.dump"), &noise(256 << 10, 41));
     let d = &s.d;
-    let _controller = d.start_controller();
-    let _db01 = d.start_agent("db01");
-    let _backup01 = d.start_agent("backup01");
-    d.wait_agents_up(&["db01", "backup01"], Duration::from_secs(20));
+    let _running = s.start();
     // More idle connections than the data port holds (64), none finishing
     // its TLS handshake.
     let flood: Vec<std::net::TcpStream> = (0..80)
