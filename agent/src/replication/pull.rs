@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dicops_core::retention::RetentionPolicy;
 use dicops_net::{ClientError, HttpsClient, TlsReloader};
 use dicops_proto::{
     ApiError, ChunkRef, Identity, ManifestEntry, ManifestHeader, PullTask, ReplicationStats, VerifyStats, VerifyTask,
@@ -215,8 +214,8 @@ impl Puller {
         let (header, entries) = link.manifest(job, &cancel, unless.as_deref()).await?;
         if header.unchanged {
             if let Some((snapshot, _)) = held {
-                let retention = (super::snapshot_retention(&pull.retention), tz, root.join(job));
-                return self.unchanged(run_id, &store, snapshot, &header, retention).await;
+                let kept = apply_retention(&store, pull, tz, root.join(job), snapshot.clone()).await?;
+                return Ok(unchanged(run_id, snapshot, &header, kept.len()));
             }
         }
         // Shared, not copied, with the blocking tasks: a manifest of a large
@@ -228,7 +227,7 @@ impl Puller {
             remaining: 0,
             message: format!("reusing what is already here for {} files", entries.len()),
         });
-        let build = {
+        let mut build = {
             let (store, header, entries) = (store.clone(), header.clone(), entries.clone());
             blocking(move || store.start_build(&header, entries)).await?
         };
@@ -243,7 +242,7 @@ impl Puller {
             bytes_missing = total_missing,
             "replication planned"
         );
-        let missing = build.missing.clone();
+        let missing = std::mem::take(&mut build.missing);
 
         let mut fetched = 0u64;
         let mut on_wire = 0u64;
@@ -375,22 +374,7 @@ impl Puller {
             let entries = entries.clone();
             blocking(move || verify(&dir, &entries)).await?;
         }
-        let retention = super::snapshot_retention(&pull.retention);
-        let job_dir = root.join(job);
-        let snapshots = {
-            let store = store.clone();
-            let keep = published.name.clone();
-            blocking(move || {
-                let mut in_use = super::verify::in_use(&job_dir);
-                in_use.push(keep);
-                let deleted = store.apply_retention(&retention, tz, &in_use)?;
-                if !deleted.is_empty() {
-                    tracing::info!(deleted = ?deleted, "snapshots deleted by retention");
-                }
-                store.snapshots()
-            })
-            .await?
-        };
+        let snapshots = apply_retention(&store, pull, tz, root.join(job), published.name.clone()).await?;
         let mut link = match free_links.pop() {
             Some(link) => link,
             None => SourceLink::new(self.tls.clone(), &pull.source_agent, &pull.source_url, stall, run_id)?,
@@ -411,48 +395,51 @@ impl Puller {
     }
 }
 
-impl Puller {
-    /// The source holds exactly the tree of the newest snapshot: nothing to
-    /// fetch or build, and no new snapshot (it would be that one again).
-    /// The run confirms that the other site is current as of now, and
-    /// applies retention (which a reload may have changed).
-    async fn unchanged(
-        &self,
-        run_id: i64,
-        store: &Arc<JobStore>,
-        snapshot: String,
-        header: &ManifestHeader,
-        (retention, tz, job_dir): (RetentionPolicy, chrono_tz::Tz, PathBuf),
-    ) -> Result<ReplicationStats, String> {
-        let snapshots = {
-            let (store, keep) = (store.clone(), snapshot.clone());
-            blocking(move || {
-                let mut in_use = super::verify::in_use(&job_dir);
-                in_use.push(keep);
-                let deleted = store.apply_retention(&retention, tz, &in_use)?;
-                if !deleted.is_empty() {
-                    tracing::info!(deleted = ?deleted, "snapshots deleted by retention");
-                }
-                store.snapshots()
-            })
-            .await?
-        };
-        tracing::info!(run = run_id, snapshot = %snapshot, "the source's tree is unchanged since the newest snapshot");
-        let bytes = header.bytes.unwrap_or(0);
-        let files = header.files.unwrap_or(0);
-        Ok(ReplicationStats {
-            snapshot,
-            source_state_at: header.taken_at,
-            files,
-            bytes,
-            files_linked: files,
-            bytes_reused: bytes,
-            bytes_fetched: 0,
-            bytes_on_wire: 0,
-            snapshots: snapshots.len() as u64,
-        })
-    }
+/// Applies the job's retention to its snapshots, sparing `keep` (the
+/// newest) and any snapshot a verify is reading (a reload may have changed
+/// the policy: applied after every run, whether it published or not).
+/// Returns the snapshots kept.
+async fn apply_retention(
+    store: &Arc<JobStore>,
+    pull: &PullTask,
+    tz: chrono_tz::Tz,
+    job_dir: PathBuf,
+    keep: String,
+) -> Result<Vec<String>, String> {
+    let (store, retention) = (store.clone(), super::snapshot_retention(&pull.retention));
+    blocking(move || {
+        let mut in_use = super::verify::in_use(&job_dir);
+        in_use.push(keep);
+        let deleted = store.apply_retention(&retention, tz, &in_use)?;
+        if !deleted.is_empty() {
+            tracing::info!(deleted = ?deleted, "snapshots deleted by retention");
+        }
+        store.snapshots()
+    })
+    .await
+}
 
+/// The source holds exactly the tree of the newest snapshot: nothing to
+/// fetch or build, and no new snapshot (it would be that one again). The
+/// run confirms that the other site is current as of now.
+fn unchanged(run_id: i64, snapshot: String, header: &ManifestHeader, snapshots: usize) -> ReplicationStats {
+    tracing::info!(run = run_id, snapshot = %snapshot, "the source's tree is unchanged since the newest snapshot");
+    let bytes = header.bytes.unwrap_or(0);
+    let files = header.files.unwrap_or(0);
+    ReplicationStats {
+        snapshot,
+        source_state_at: header.taken_at,
+        files,
+        bytes,
+        files_linked: files,
+        bytes_reused: bytes,
+        bytes_fetched: 0,
+        bytes_on_wire: 0,
+        snapshots: snapshots as u64,
+    }
+}
+
+impl Puller {
     /// A verify run: the replication's snapshots re-read against their
     /// manifests; damaged chunks fetched again from the source when it
     /// still has them and written back; what cannot be repaired is lost.

@@ -644,7 +644,9 @@ impl Build {
     /// Checks the whole file's BLAKE3 (from its running hash, or by reading
     /// it back), then gives it its mode and mtime.
     fn finish_file(&mut self, i: u32) -> Result<(), String> {
-        let entry = self.entries[i as usize].clone();
+        // The list is shared: a handle to it, not a copy of the entry.
+        let entries = Arc::clone(&self.entries);
+        let entry = &entries[i as usize];
         let path = self.dir.join(&entry.path);
         let state = self.files[i as usize];
         let hasher = self.hashers.remove(&i);
@@ -745,7 +747,9 @@ impl Build {
         base: &mut Option<BaseIndex>,
         sources: &mut HashMap<String, ChunkSource>,
     ) -> Result<(), String> {
-        let entry = self.entries[i as usize].clone();
+        // The list is shared: a handle to it, not a copy of the entry.
+        let entries = Arc::clone(&self.entries);
+        let entry = &entries[i as usize];
         let path = self.dir.join(&entry.path);
         self.files[i as usize] = FileState {
             remaining: entry.chunks.len() as u32,
@@ -869,10 +873,13 @@ impl Build {
     }
 
     fn publish_at(mut self, store: &JobStore, now: DateTime<Utc>) -> Result<Published, String> {
-        if let Some(chunk) = self.missing.iter().find(|c| self.wanted.contains_key(&c.id)) {
+        if let Some((id, places)) = self.wanted.iter().next() {
+            let len = places
+                .first()
+                .and_then(|p| self.entry(p.entry).chunks.get(p.index as usize))
+                .map_or(0, |c| c.len);
             return Err(format!(
-                "chunk {} ({} bytes) was not fetched: the build is incomplete",
-                chunk.id, chunk.len
+                "chunk {id} ({len} bytes) was not fetched: the build is incomplete"
             ));
         }
         let mut published = Published {
@@ -1127,12 +1134,11 @@ impl JobStore {
         if build.damaged != damaged_before {
             self.save_damaged(&build.damaged);
         }
-        for i in 0..count {
+        let entries = Arc::clone(&build.entries);
+        for (i, entry) in entries.iter().enumerate() {
             let Some(link) = build.links[i].clone() else {
                 continue;
             };
-            let entries = build.entries.clone();
-            let entry = &entries[i];
             let dst = build.dir.join(&entry.path);
             build.create_parent(&dst)?;
             let src = build.base_dir.as_ref().map(|d| d.join(&link));
