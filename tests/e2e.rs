@@ -411,3 +411,41 @@ fn demo_stops_cleanly_on_ctrl_c() {
         assert!(rest.contains(name), "{name} in {rest}");
     }
 }
+
+/// Ctrl-C while the demo is still starting its processes: the demo stops
+/// what it started, removes its folder and exits cleanly; nothing it
+/// started is left running.
+#[test]
+fn demo_ctrl_c_during_start_up_leaves_nothing_running() {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(harness::bin("dicops"))
+        .args(["demo", "--interval", "1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run demo");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let first = lines.next().expect("first line").expect("line");
+    let dir = first.split("files in ").nth(1).expect("folder line").trim().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let exit = child.wait().expect("wait");
+    assert!(exit.success(), "{exit:?}: {rest:?}");
+    assert!(!std::path::Path::new(&dir).exists(), "{dir} left behind");
+    // No process still runs with a config from the demo's folder.
+    let mut left = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("proc").flatten() {
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(&dir) {
+                left.push(cmdline);
+            }
+        }
+    }
+    assert!(left.is_empty(), "still running: {left:?}");
+}

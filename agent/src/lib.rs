@@ -324,20 +324,22 @@ pub fn main_entry() -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        // Handlers first: a SIGTERM while the agent starts must still stop
+        // it cleanly.
+        use tokio::signal::unix::{signal, SignalKind};
+        let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(t), Ok(i)) => (t, i),
+            _ => {
+                eprintln!("cannot listen for signals");
+                return ExitCode::FAILURE;
+            }
+        };
         let shutdown = CancellationToken::new();
         let running = match start(config, shutdown.clone()) {
             Ok(running) => running,
             Err(e) => {
                 eprintln!("{e}");
                 return ExitCode::from(e.exit_code());
-            }
-        };
-        use tokio::signal::unix::{signal, SignalKind};
-        let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-            (Ok(t), Ok(i)) => (t, i),
-            _ => {
-                tracing::error!("cannot listen for signals");
-                return ExitCode::FAILURE;
             }
         };
         tokio::select! {

@@ -389,6 +389,15 @@ pub fn main_entry() -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        // Handlers first: a SIGHUP or SIGTERM that arrives while the
+        // controller starts must not kill it with the default action.
+        let mut signals = match Signals::listen() {
+            Ok(signals) => signals,
+            Err(e) => {
+                eprintln!("cannot listen for signals: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
         let shutdown = CancellationToken::new();
         let running = match start(config, shutdown.clone()).await {
             Ok(running) => running,
@@ -397,10 +406,7 @@ pub fn main_entry() -> ExitCode {
                 return ExitCode::from(e.exit_code());
             }
         };
-        if let Err(e) = wait_for_signals(&running.shared).await {
-            tracing::error!(error = %e, "cannot listen for signals");
-            return ExitCode::FAILURE;
-        }
+        signals.wait(&running.shared).await;
         tracing::info!("shutting down");
         shutdown.cancel();
         running.wait(Duration::from_secs(10)).await;
@@ -408,19 +414,32 @@ pub fn main_entry() -> ExitCode {
     })
 }
 
-/// Returns on SIGTERM or SIGINT; SIGHUP reloads the config.
-async fn wait_for_signals(shared: &Shared) -> std::io::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
-            _ = hup.recv() => {
-                tracing::info!("SIGHUP: reloading configuration");
-                let _ = reload(shared);
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn listen() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Returns on SIGTERM or SIGINT; SIGHUP reloads the config.
+    async fn wait(&mut self, shared: &Shared) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return,
+                _ = self.int.recv() => return,
+                _ = self.hup.recv() => {
+                    tracing::info!("SIGHUP: reloading configuration");
+                    let _ = reload(shared);
+                }
             }
         }
     }

@@ -240,6 +240,11 @@ fn spawn(dir: &Path, binary: &Path, config: &str, log: &str) -> anyhow::Result<C
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    // Catch Ctrl-C before anything starts: a signal that came before the
+    // handler would kill the demo and leave its children running.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
     let (dir, remove_dir) = match &args.dir {
         Some(dir) => (dir.clone(), false),
         None => {
@@ -261,7 +266,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         remove_dir,
         children: Vec::new(),
     };
-    let result = drive(&mut demo, &args, &dir, port, &controller_bin, &agent_bin).await;
+    let until_stopped = async {
+        drive(&mut demo, &args, &dir, port, &controller_bin, &agent_bin).await?;
+        tokio::time::sleep(Duration::from_secs(args.duration.unwrap_or(u64::MAX / 4))).await;
+        Ok(ExitCode::SUCCESS)
+    };
+    let result = tokio::select! {
+        result = until_stopped => result,
+        _ = int.recv() => Ok(ExitCode::SUCCESS),
+        _ = term.recv() => Ok(ExitCode::SUCCESS),
+    };
     println!("stopping the demo");
     demo.stop().await;
     result
@@ -274,7 +288,7 @@ async fn drive(
     port: u16,
     controller_bin: &Path,
     agent_bin: &Path,
-) -> anyhow::Result<ExitCode> {
+) -> anyhow::Result<()> {
     demo.children.push((
         "controller".into(),
         spawn(dir, controller_bin, "controller.yaml", "controller.log")?,
@@ -360,16 +374,5 @@ async fn drive(
         Some(seconds) => println!("running for {seconds} s (or until Ctrl-C)"),
         None => println!("running; press Ctrl-C to stop"),
     }
-
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let limit = tokio::time::sleep(Duration::from_secs(args.duration.unwrap_or(u64::MAX / 4)));
-    tokio::pin!(limit);
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
-        _ = &mut limit => {}
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
