@@ -3,6 +3,7 @@
 //! them and publishes immutable snapshots.
 
 pub mod chunks;
+mod direct;
 pub mod pull;
 pub mod serve;
 pub mod snapshot;

@@ -648,6 +648,8 @@ fn parse_frames(body: &[u8], asked: &[ChunkRef]) -> Result<Vec<(String, Vec<u8>)
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     let mut rest = body;
+    // One context for the batch, made when the first compressed chunk comes.
+    let mut decompressor: Option<zstd::bulk::Decompressor<'static>> = None;
     while !rest.is_empty() {
         if rest.len() < 37 {
             return Err("the source sent a truncated chunk frame".into());
@@ -663,8 +665,15 @@ fn parse_frames(body: &[u8], asked: &[ChunkRef]) -> Result<Vec<(String, Vec<u8>)
         let payload = rest.get(37..37 + len).ok_or("the source sent a truncated chunk")?;
         let bytes = match codec {
             CODEC_RAW => payload.to_vec(),
-            CODEC_ZSTD => zstd::bulk::decompress(payload, expected as usize)
-                .map_err(|e| format!("chunk {id} does not decompress: {e}"))?,
+            CODEC_ZSTD => {
+                let z = match &mut decompressor {
+                    Some(z) => z,
+                    None => decompressor
+                        .insert(zstd::bulk::Decompressor::new().map_err(|e| format!("cannot start zstd: {e}"))?),
+                };
+                z.decompress(payload, expected as usize)
+                    .map_err(|e| format!("chunk {id} does not decompress: {e}"))?
+            }
             other => return Err(format!("chunk {id} has unknown codec {other}")),
         };
         if bytes.len() != expected as usize {

@@ -612,6 +612,10 @@ type Refusal = (StatusCode, &'static str, String);
 /// that pays.
 fn frames(index: &RunIndex, request: &ChunkRequest) -> Result<Vec<u8>, Refusal> {
     let mut body = Vec::new();
+    // One context per request: making one per chunk cost more CPU than
+    // compressing (zstd clears its tables on creation). Without one, chunks
+    // go raw.
+    let mut compressor = request.compress.then(|| zstd::bulk::Compressor::new(1).ok()).flatten();
     let mut total = 0u64;
     for id in &request.ids {
         let Some(&(file, offset, len)) = index.chunks.get(id) else {
@@ -643,9 +647,9 @@ fn frames(index: &RunIndex, request: &ChunkRequest) -> Result<Vec<u8>, Refusal> 
             Err(e) => return Err((StatusCode::INTERNAL_SERVER_ERROR, "source_read", e.to_string())),
         };
         let raw_id = decode_hex32(id).ok_or((StatusCode::BAD_REQUEST, "bad_id", format!("{id} is not a chunk id")))?;
-        let compressed = (request.compress && worth_compressing(&bytes))
-            .then(|| zstd::bulk::compress(&bytes, 1).ok())
-            .flatten()
+        let compressed = compressor
+            .as_mut()
+            .and_then(|z| worth_compressing(z, &bytes).then(|| z.compress(&bytes).ok()).flatten())
             .filter(|c| (c.len() as f64) < bytes.len() as f64 * (1.0 - COMPRESSION_MIN_SAVING));
         let (codec, payload) = match &compressed {
             Some(c) => (CODEC_ZSTD, c.as_slice()),
@@ -662,9 +666,10 @@ fn frames(index: &RunIndex, request: &ChunkRequest) -> Result<Vec<u8>, Refusal> 
 /// A quick look at the start of a chunk: already-compressed or encrypted
 /// data (most backup archives) is not worth compressing, and finding out on
 /// the whole chunk would cost more than sending it.
-fn worth_compressing(bytes: &[u8]) -> bool {
+fn worth_compressing(z: &mut zstd::bulk::Compressor<'static>, bytes: &[u8]) -> bool {
     let probe = &bytes[..bytes.len().min(4096)];
-    zstd::bulk::compress(probe, 1).is_ok_and(|c| (c.len() as f64) < probe.len() as f64 * 0.9)
+    z.compress(probe)
+        .is_ok_and(|c| (c.len() as f64) < probe.len() as f64 * 0.9)
 }
 
 pub fn decode_hex32(hex: &str) -> Option<[u8; 32]> {
