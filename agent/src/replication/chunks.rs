@@ -41,62 +41,78 @@ pub struct FileChunks {
 /// one `MAX_CHUNK` buffer whatever the size of the input.
 fn chunk_reader<R: Read>(reader: R, size_hint: u64) -> std::io::Result<(FileChunks, u64)> {
     if size_hint < PARALLEL_HASH_FROM {
-        let mut whole = blake3::Hasher::new();
-        let result = chunk_stream(reader, |data| {
-            whole.update(&data);
-        })?;
-        return Ok(finish_chunks(result, &whole));
+        let mut named = Named::default();
+        let total = cut_stream(reader, |data| named.add(&data))?;
+        return Ok((named.finish(), total));
     }
-    // A large file: the whole-file hash runs on a second core while this
-    // one cuts and names the chunks (the manifest of a fresh tree is
-    // bound by these two passes).
+    // A large file: cutting (reading, the rolling hash) runs on this core
+    // while the chunks are named and the whole file hashed on a second one:
+    // the two halves of the work are about equal, and the manifest of a
+    // fresh tree is bound by them.
     std::thread::scope(|scope| {
-        let (send, receive) = std::sync::mpsc::sync_channel::<Vec<u8>>(8);
-        let hasher = scope.spawn(move || {
-            let mut whole = blake3::Hasher::new();
+        let (send, receive) = std::sync::mpsc::sync_channel::<Vec<u8>>(16);
+        let namer = scope.spawn(move || {
+            let mut named = Named::default();
             for data in receive {
-                whole.update(&data);
+                named.add(&data);
             }
-            whole
+            named
         });
-        let result = chunk_stream(reader, |data| {
+        let cut = cut_stream(reader, |data| {
             // The receiver only stops when this sender is dropped.
             let _ = send.send(data);
         });
         drop(send);
-        let whole = hasher
+        let named = namer
             .join()
             .map_err(|_| std::io::Error::other("the hashing thread panicked"))?;
-        Ok(finish_chunks(result?, &whole))
+        Ok((named.finish(), cut?))
     })
 }
 
-/// Files from this size have their whole-file hash computed on a thread of
-/// its own.
+/// Files from this size are cut on one thread and hashed on another.
 const PARALLEL_HASH_FROM: u64 = 8 << 20;
 
-/// Cuts `reader` into chunks, names each, and hands each chunk's bytes to
-/// `whole` in order.
-fn chunk_stream<R: Read>(reader: R, mut whole: impl FnMut(Vec<u8>)) -> std::io::Result<(Vec<ChunkRef>, u64)> {
-    let mut chunks = Vec::new();
+/// Cuts `reader` into content-defined chunks and hands each one's bytes, in
+/// order, to `each`; returns the number of bytes read.
+fn cut_stream<R: Read>(reader: R, mut each: impl FnMut(Vec<u8>)) -> std::io::Result<u64> {
     let mut total = 0u64;
     for chunk in StreamCDC::new(reader, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK) {
         let chunk = chunk.map_err(std::io::Error::from)?;
-        let len = u32::try_from(chunk.data.len())
-            .map_err(|_| std::io::Error::other("the chunker returned a chunk longer than 4 GiB"))?;
-        chunks.push(ChunkRef {
-            id: blake3::hash(&chunk.data).to_hex().to_string(),
-            len,
-        });
-        total += u64::from(len);
-        whole(chunk.data);
+        if chunk.data.len() > MAX_CHUNK as usize {
+            return Err(std::io::Error::other(
+                "the chunker returned a chunk longer than MAX_CHUNK",
+            ));
+        }
+        total += chunk.data.len() as u64;
+        each(chunk.data);
     }
-    Ok((chunks, total))
+    Ok(total)
 }
 
-fn finish_chunks((chunks, total): (Vec<ChunkRef>, u64), whole: &blake3::Hasher) -> (FileChunks, u64) {
-    let blake3 = whole.finalize().to_hex().to_string();
-    (FileChunks { blake3, chunks }, total)
+/// The chunk list and whole-file hash of a file, fed chunk by chunk.
+#[derive(Default)]
+struct Named {
+    chunks: Vec<ChunkRef>,
+    whole: blake3::Hasher,
+}
+
+impl Named {
+    fn add(&mut self, data: &[u8]) {
+        self.chunks.push(ChunkRef {
+            id: blake3::hash(data).to_hex().to_string(),
+            // cut_stream refuses chunks longer than MAX_CHUNK.
+            len: data.len() as u32,
+        });
+        self.whole.update(data);
+    }
+
+    fn finish(self) -> FileChunks {
+        FileChunks {
+            blake3: self.whole.finalize().to_hex().to_string(),
+            chunks: self.chunks,
+        }
+    }
 }
 
 /// Opens a file for reading without following a symlink in the final
