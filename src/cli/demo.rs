@@ -212,6 +212,13 @@ fn write_configs(dir: &Path, port: u16, interval: u64) -> anyhow::Result<()> {
             "  - name: {source}-dumps-to-{destination}\n    source: {{agent: {source}, export: dumps}}\n    destination: {{agent: {destination}, root: replicas}}\n    schedule: \"1-59/2 * * * *\"\n    max_lag: 10m\n    retention: {{keep_last: 5}}\n"
         ));
     }
+    // And every replica re-read against its manifest every ten minutes.
+    controller.push_str("verifications:\n");
+    for (source, destination) in REPLICAS {
+        controller.push_str(&format!(
+            "  - name: verify-{source}-dumps\n    replication: {source}-dumps-to-{destination}\n    schedule: \"5-59/10 * * * *\"\n    sample: 100%\n"
+        ));
+    }
     std::fs::write(dir.join("controller.yaml"), controller)?;
     let cli = format!(
         "controller: https://127.0.0.1:{port}\ntls:\n  ca: pki/ca.pem\n  cert: pki/operator-demo.pem\n  key: pki/operator-demo-key.pem\n"
