@@ -361,14 +361,29 @@ fn alert_rules_pass_promtool_check_and_their_unit_tests() {
     assert!(checked.contains("SUCCESS"), "{checked}");
     let tested = promtool(&["test", "rules", "dicops-alerts.test.yml"], &dir);
     assert!(tested.contains("SUCCESS"), "{tested}");
-    // Every alert has at least one unit test.
-    let tests = std::fs::read_to_string(dir.join("dicops-alerts.test.yml")).expect("tests");
+    // Every alert has a unit test where it fires and one where it stays
+    // silent.
+    let text = std::fs::read_to_string(dir.join("dicops-alerts.test.yml")).expect("tests");
+    let tests: serde_yaml::Value = serde_yaml::from_str(&text).expect("tests yaml");
+    let cases: Vec<(String, bool)> = tests["tests"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .flat_map(|t| t["alert_rule_test"].as_sequence().cloned().unwrap_or_default())
+        .map(|case| {
+            let fires = case["exp_alerts"].as_sequence().is_some_and(|a| !a.is_empty());
+            (case["alertname"].as_str().unwrap_or("").to_string(), fires)
+        })
+        .collect();
     for rule in rules() {
         if let Some(name) = rule["alert"].as_str() {
-            assert!(
-                tests.contains(&format!("alertname: {name}")),
-                "{name} has no promtool unit test"
-            );
+            for fires in [true, false] {
+                assert!(
+                    cases.iter().any(|(n, f)| n == name && *f == fires),
+                    "{name} has no promtool unit test where it {}",
+                    if fires { "fires" } else { "stays silent" }
+                );
+            }
         }
     }
 }
