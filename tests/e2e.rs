@@ -449,3 +449,48 @@ fn demo_ctrl_c_during_start_up_leaves_nothing_running() {
     }
     assert!(left.is_empty(), "still running: {left:?}");
 }
+
+/// An agent in a systemd-like sandbox (`ProtectSystem=strict`: `/`
+/// remounted read-only for the agent alone, its own folder bind-mounted
+/// writable) still reports `/` as a writable filesystem, so the disk-full
+/// alerts keep working, and does not list its bind mount as a filesystem.
+#[test]
+fn an_agent_in_a_read_only_sandbox_reports_the_real_filesystem_state() {
+    let d = Deployment::new(&[("dc1", &["db01"])]);
+    let _controller = d.start_controller();
+    let config = d.path("agent-db01.yaml");
+    std::fs::write(&config, d.agent_yaml("db01")).expect("write agent config");
+    let root = d.root.path().to_str().expect("utf8").to_string();
+    let mut sandbox = std::process::Command::new("unshare");
+    sandbox.args([
+        "-m",
+        "sh",
+        "-c",
+        "mount --make-rprivate / && mount --bind \"$ROOT\" \"$ROOT\" && mount -o remount,bind,ro / && exec \"$0\" \"$@\"",
+    ]);
+    sandbox.arg(harness::bin("dicops-agent")).env("ROOT", &root);
+    let _agent = harness::Process::spawn_command(sandbox, &config, d.path("agent-db01.log"));
+    d.wait_agents_up(&["db01"], Duration::from_secs(30));
+    let metrics = wait_until(Duration::from_secs(10), "filesystems reported", || {
+        let m = d.metrics();
+        sample(
+            &m,
+            "dicops_host_filesystem_readonly",
+            &[("agent", "db01"), ("mountpoint", "/")],
+        )
+        .map(|_| m)
+    });
+    assert_eq!(
+        sample(
+            &metrics,
+            "dicops_host_filesystem_readonly",
+            &[("agent", "db01"), ("mountpoint", "/")]
+        ),
+        Some(0.0),
+        "/ is writable for everyone but the sandboxed agent"
+    );
+    assert!(
+        !metrics.contains(&format!("mountpoint=\"{root}\"")),
+        "the sandbox's bind mount {root} is not a filesystem of its own"
+    );
+}

@@ -2,6 +2,7 @@
 //! calls block, and a hung NFS mount must never stall the async runtime.
 
 mod diskstats;
+mod mountinfo;
 mod paths;
 mod services;
 
@@ -86,6 +87,9 @@ impl Collector {
         if let Some(disks) = self.disks.as_mut() {
             disks.refresh_specifics(true, storage_only());
         }
+        // The mount flags sysinfo reads are the agent's own view: in a
+        // systemd sandbox they say read-only for filesystems that are not.
+        let mounts = mountinfo::read();
         health.filesystems = self
             .disks
             .iter()
@@ -96,13 +100,17 @@ impl Collector {
                 if is_pseudo_fstype(&fstype) || is_ignored_mountpoint(&mountpoint) {
                     return None;
                 }
+                if mountinfo::is_duplicate_view(&mounts, &mountpoint) {
+                    return None;
+                }
+                let facts = mounts.get(&mountpoint);
                 Some(Filesystem {
                     mountpoint,
                     device: disk.name().to_string_lossy().into_owned(),
                     fstype,
                     size_bytes: disk.total_space(),
                     avail_bytes: disk.available_space(),
-                    read_only: disk.is_read_only(),
+                    read_only: facts.map_or(disk.is_read_only(), |f| f.filesystem_read_only),
                 })
             })
             .collect();
