@@ -543,3 +543,32 @@ fn a_backup_command_runs_as_its_user_in_a_minimal_environment() {
     // The agent's own environment (the test runner's) is not passed on.
     assert!(!text.contains("RUST_LOG") && !text.contains("CARGO"), "{text}");
 }
+
+/// An agent given CAP_SETUID and CAP_SETGID to run commands as other users
+/// (the systemd drop-in's ambient capabilities) does not pass them on: the
+/// command runs as its user with no capability, and cannot become root.
+#[test]
+fn a_command_run_as_another_user_gets_none_of_the_agent_s_capabilities() {
+    let d = deployment(
+        "commands:\n  as-nobody:\n    argv: [/bin/sh, -c, \"grep ^Cap /proc/self/status > $DICOPS_OUTPUT_DIR/caps.dump\"]\n    user: nobody\n    output: @ROOT@/nobody-out\n",
+        "  - {name: as-nobody, agent: db01, run: as-nobody, max_age: 1h, retries: 0}\n",
+    );
+    let out = d.path("nobody-out");
+    std::fs::create_dir_all(&out).expect("folder");
+    std::os::unix::fs::chown(&out, Some(65534), Some(65534)).expect("chown");
+    let _controller = d.start_controller();
+    let _db01 = d.start_agent_with_setuid_capabilities("db01");
+    d.wait_agents_up(&["db01"], Duration::from_secs(20));
+    let (code, stdout, stderr) = d.cli(&["run", "as-nobody", "--follow"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let text = std::fs::read_to_string(out.join("caps.dump")).expect("dump");
+    // (The inheritable set stays: it grants nothing to a program without
+    // file capabilities.)
+    for set in ["CapPrm", "CapEff", "CapAmb"] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(set))
+            .unwrap_or_else(|| panic!("{set} in {text}"));
+        assert!(line.ends_with("0000000000000000"), "{set} of the command: {line}");
+    }
+}

@@ -181,6 +181,22 @@ pub async fn run(
             });
         }
     }
+    // An agent given capabilities as ambient ones (a systemd drop-in for
+    // `user:` commands) would pass them on through exec, with or without a
+    // user switch: the command could make itself root. Runs after the
+    // switch above.
+    // SAFETY: prctl is async-signal-safe and touches no memory.
+    unsafe {
+        cmd.pre_exec(|| {
+            // EINVAL: a kernel without ambient capabilities.
+            if libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0
+                && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL)
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let mut child = match cmd.spawn() {
         Ok(child) => child,
         Err(e) => {

@@ -287,8 +287,17 @@ impl Deployment {
     /// Starts an agent as an unprivileged user, as production does. Its
     /// files (test keys included) are opened up to that user.
     pub fn start_agent_as(&self, id: &str, uid: u32, gid: u32) -> Process {
-        use std::os::unix::fs::PermissionsExt;
         use std::os::unix::process::CommandExt;
+        let (binary, config) = self.prepare_agent_as(id, uid, gid);
+        let mut command = Command::new(&binary);
+        command.uid(uid).gid(gid);
+        Process::spawn_command(command, &config, self.path(&format!("agent-{id}.log")))
+    }
+
+    /// The files an agent running as `uid`:`gid` reads or writes, opened to
+    /// that user: (agent binary, config).
+    fn prepare_agent_as(&self, id: &str, uid: u32, gid: u32) -> (PathBuf, PathBuf) {
+        use std::os::unix::fs::PermissionsExt;
         let open = |path: &Path, mode: u32| {
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
         };
@@ -309,9 +318,20 @@ impl Deployment {
             std::fs::copy(bin("dicops-agent"), &binary).expect("copy the agent binary");
             open(&binary, 0o755);
         }
-        let mut command = Command::new(&binary);
-        command.uid(uid).gid(gid);
-        Process::spawn_command(command, &config, self.path(&format!("agent-{id}.log")))
+        (binary, config)
+    }
+
+    /// Starts an agent as user and group 1 (daemon) with CAP_SETUID and
+    /// CAP_SETGID as ambient capabilities, as the systemd drop-in for
+    /// commands with `user:` grants them.
+    pub fn start_agent_with_setuid_capabilities(&self, id: &str) -> Process {
+        let (binary, config) = self.prepare_agent_as(id, 1, 1);
+        let mut command = Command::new("setpriv");
+        command
+            .args(["--reuid=1", "--regid=1", "--clear-groups"])
+            .args(["--inh-caps=+setuid,+setgid", "--ambient-caps=+setuid,+setgid", "--"])
+            .arg(&binary);
+        Process::spawn_command(command, &config, self.path(&format!("agent-{id}-caps.log")))
     }
 
     pub fn client(&self, stem: &str) -> HttpsClient {
