@@ -515,15 +515,21 @@ fn a_backup_that_ends_while_the_controller_is_down_is_recorded_once_later() {
     .is_some());
 }
 
+/// The output folder of the `as-nobody` command, owned by nobody.
+fn nobody_folder(d: &Deployment) -> std::path::PathBuf {
+    let out = d.path("nobody-out");
+    std::fs::create_dir_all(&out).expect("folder");
+    std::os::unix::fs::chown(&out, Some(65534), Some(65534)).expect("chown");
+    out
+}
+
 #[test]
 fn a_backup_command_runs_as_its_user_in_a_minimal_environment() {
     let d = deployment(
         "commands:\n  as-nobody:\n    argv: [/bin/sh, -c, \"id -un > $DICOPS_OUTPUT_DIR/env.dump; env | sort >> $DICOPS_OUTPUT_DIR/env.dump\"]\n    user: nobody\n    env: {PGDATABASE: app}\n    output: @ROOT@/nobody-out\n",
         "  - {name: as-nobody, agent: db01, run: as-nobody, max_age: 1h, retries: 0}\n",
     );
-    let out = d.path("nobody-out");
-    std::fs::create_dir_all(&out).expect("folder");
-    std::os::unix::fs::chown(&out, Some(65534), Some(65534)).expect("chown");
+    let out = nobody_folder(&d);
     std::fs::set_permissions(d.root.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
     let _controller = d.start_controller();
     let _db01 = d.start_agent("db01");
@@ -553,9 +559,7 @@ fn a_command_run_as_another_user_gets_none_of_the_agent_s_capabilities() {
         "commands:\n  as-nobody:\n    argv: [/bin/sh, -c, \"grep ^Cap /proc/self/status > $DICOPS_OUTPUT_DIR/caps.dump\"]\n    user: nobody\n    output: @ROOT@/nobody-out\n",
         "  - {name: as-nobody, agent: db01, run: as-nobody, max_age: 1h, retries: 0}\n",
     );
-    let out = d.path("nobody-out");
-    std::fs::create_dir_all(&out).expect("folder");
-    std::os::unix::fs::chown(&out, Some(65534), Some(65534)).expect("chown");
+    let out = nobody_folder(&d);
     let _controller = d.start_controller();
     let _db01 = d.start_agent_with_setuid_capabilities("db01");
     d.wait_agents_up(&["db01"], Duration::from_secs(20));

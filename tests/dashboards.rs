@@ -7,12 +7,12 @@
 mod harness;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use harness::{bin, free_port, promtool_check_metrics, wait_until};
+use harness::{free_port, promtool_check_metrics, wait_until};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -478,6 +478,7 @@ struct Demo(std::process::Child);
 
 impl Drop for Demo {
     fn drop(&mut self) {
+        // Not send_signal: a drop must not panic.
         let _ = Command::new("kill").args(["-INT", &self.0.id().to_string()]).status();
         let stopped = (0..200).any(|_| {
             std::thread::sleep(Duration::from_millis(100));
@@ -501,16 +502,15 @@ fn a_real_prometheus_scrapes_the_demo_evaluates_every_panel_and_fires_alerts() {
     let work = tempfile::tempdir().expect("tempdir");
     let demo_dir = work.path().join("demo");
     let port = free_port();
-    let mut demo = Command::new(bin("dicops"))
-        .args(["demo", "--interval", "1", "--port", &port.to_string(), "--dir"])
-        .arg(&demo_dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("demo");
-    let stdout = demo.stdout.take().expect("stdout");
+    let (demo, mut lines) = harness::spawn_demo(&[
+        "--interval",
+        "1",
+        "--port",
+        &port.to_string(),
+        "--dir",
+        demo_dir.to_str().expect("utf8"),
+    ]);
     let demo = Demo(demo);
-    let mut lines = BufReader::new(stdout).lines();
     for line in lines.by_ref() {
         if line.expect("line").contains("press Ctrl-C to stop") {
             break;
@@ -646,22 +646,11 @@ fn a_real_prometheus_scrapes_the_demo_evaluates_every_panel_and_fires_alerts() {
 
     // (b) An agent killed: AgentDown for it.
     let config = demo_dir.join("agent-app01.yaml");
-    let config = config.to_str().expect("utf8").to_string();
-    let pid = std::fs::read_dir("/proc")
-        .expect("proc")
-        .flatten()
-        .find_map(|e| {
-            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            (cmdline.contains("dicops-agent") && cmdline.contains(&config))
-                .then(|| e.file_name().to_string_lossy().into_owned())
-        })
+    let (pid, _) = harness::processes_matching(&["dicops-agent", config.to_str().expect("utf8")])
+        .into_iter()
+        .next()
         .expect("the demo's agent app01");
-    assert!(Command::new("kill")
-        .args(["-9", &pid])
-        .status()
-        .expect("kill")
-        .success());
+    harness::send_signal(pid, "KILL");
     wait_until(Duration::from_secs(60), "AgentDown for app01", || {
         alerts(prom_port).into_iter().find(|(name, state, labels)| {
             name == "AgentDown" && (state == "pending" || state == "firing") && labels["agent"] == "app01"

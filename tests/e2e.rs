@@ -372,15 +372,7 @@ fn demo_starts_two_sites_and_stops_cleanly() {
 
 #[test]
 fn demo_stops_cleanly_on_ctrl_c() {
-    use std::io::{BufRead, BufReader};
-    let mut child = std::process::Command::new(harness::bin("dicops"))
-        .args(["demo", "--interval", "1"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("run demo");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
+    let (mut child, mut lines) = harness::spawn_demo(&["--interval", "1"]);
     let mut seen = String::new();
     for line in lines.by_ref() {
         let line = line.expect("line");
@@ -392,11 +384,7 @@ fn demo_stops_cleanly_on_ctrl_c() {
     }
     assert!(seen.contains("2/2 agents up"), "{seen}");
     // What a terminal sends on Ctrl-C.
-    let status = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    harness::send_signal(child.id(), "INT");
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     let exit = child.wait().expect("wait");
     assert!(exit.success(), "{exit:?}");
@@ -417,36 +405,16 @@ fn demo_stops_cleanly_on_ctrl_c() {
 /// started is left running.
 #[test]
 fn demo_ctrl_c_during_start_up_leaves_nothing_running() {
-    use std::io::{BufRead, BufReader};
-    let mut child = std::process::Command::new(harness::bin("dicops"))
-        .args(["demo", "--interval", "1"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("run demo");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
+    let (mut child, mut lines) = harness::spawn_demo(&["--interval", "1"]);
     let first = lines.next().expect("first line").expect("line");
     let dir = first.split("files in ").nth(1).expect("folder line").trim().to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    harness::send_signal(child.id(), "INT");
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     let exit = child.wait().expect("wait");
     assert!(exit.success(), "{exit:?}: {rest:?}");
     assert!(!std::path::Path::new(&dir).exists(), "{dir} left behind");
     // No process still runs with a config from the demo's folder.
-    let mut left = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("proc").flatten() {
-        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if cmdline.contains(&dir) {
-                left.push(cmdline);
-            }
-        }
-    }
+    let left = harness::processes_matching(&[&dir]);
     assert!(left.is_empty(), "still running: {left:?}");
 }
 

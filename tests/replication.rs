@@ -110,6 +110,16 @@ impl Sites {
     }
 }
 
+/// The source db01's log line of the last manifest it built.
+fn last_manifest_line(d: &Deployment) -> String {
+    let source_log = std::fs::read_to_string(d.path("agent-db01.log")).expect("log");
+    source_log
+        .lines()
+        .rfind(|l| l.contains("manifest built"))
+        .expect("manifest log")
+        .to_string()
+}
+
 fn run_job(d: &Deployment, job: &str) -> dicops_proto::RunInfo {
     let (code, out, err) = d.cli(&["run", job, "--follow"]);
     let run = d.runs(job).remove(0);
@@ -181,11 +191,7 @@ fn snapshots_are_published_whole_and_later_runs_send_only_what_changed() {
     assert_eq!(third.bytes, Some(0), "{third:?}");
     // And the source did not read its unchanged tree again: chunk lists
     // came from its cache.
-    let source_log = std::fs::read_to_string(d.path("agent-db01.log")).expect("log");
-    let last = source_log
-        .lines()
-        .rfind(|l| l.contains("manifest built"))
-        .expect("manifest log");
+    let last = last_manifest_line(d);
     assert!(
         last.contains(" read=0 ")
             && last.contains("unchanged=true")
@@ -221,11 +227,7 @@ fn snapshots_are_published_whole_and_later_runs_send_only_what_changed() {
     run_job(d, "dumps-to-dc2");
     let fifth = run_job(d, "dumps-to-dc2");
     assert_eq!(fifth.bytes, Some(0), "{fifth:?}");
-    let source_log = std::fs::read_to_string(d.path("agent-db01.log")).expect("log");
-    let last = source_log
-        .lines()
-        .rfind(|l| l.contains("manifest built"))
-        .expect("manifest log");
+    let last = last_manifest_line(d);
     assert!(
         last.contains("from the tree state alone") && last.contains("files=42"),
         "{last}"

@@ -254,18 +254,23 @@ fn units_pass_systemd_analyze_verify_with_the_built_binaries() {
     }
 }
 
+/// `score` (of `unit`, `with` naming what was added to it) is within the
+/// unit's budget.
+fn assert_within_budget(unit: &Unit, with: &str, score: f64) {
+    eprintln!("{}{with}: exposure {score}", unit.name);
+    assert!(
+        score <= unit.budget,
+        "{}{with}: systemd-analyze security --offline=yes scores {score}, over the budget of {}",
+        unit.name,
+        unit.budget
+    );
+}
+
 #[test]
 fn units_are_within_their_exposure_budget() {
     for unit in &UNITS {
         let (dir, path) = staged(unit, &[]);
-        let score = exposure(unit, dir.path(), &path);
-        eprintln!("{}: exposure {score}", unit.name);
-        assert!(
-            score <= unit.budget,
-            "{}: systemd-analyze security --offline=yes scores {score}, over the budget of {}",
-            unit.name,
-            unit.budget
-        );
+        assert_within_budget(unit, "", exposure(unit, dir.path(), &path));
     }
 }
 
@@ -281,14 +286,11 @@ fn documented_drop_ins_verify_and_stay_within_budget() {
         // All of them at once: the most a deployment grants.
         let (dir, path) = staged(unit, &drop_ins);
         verify(unit, dir.path(), &path);
-        let score = exposure(unit, dir.path(), &path);
         let names: Vec<&str> = drop_ins.iter().map(|(n, _)| n.as_str()).collect();
-        eprintln!("{} with {names:?}: exposure {score}", unit.name);
-        assert!(
-            score <= unit.budget,
-            "{} with the drop-ins {names:?} scores {score}, over the budget of {}",
-            unit.name,
-            unit.budget
+        assert_within_budget(
+            unit,
+            &format!(" with the drop-ins {names:?}"),
+            exposure(unit, dir.path(), &path),
         );
     }
     let agent = documented_drop_ins("dicops-agent.service");

@@ -50,6 +50,45 @@ pub fn wait_until<T>(limit: Duration, what: &str, mut check: impl FnMut() -> Opt
     }
 }
 
+/// `kill -SIGNAL PID`, which must succeed.
+pub fn send_signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// The processes whose command line contains every one of `needles`:
+/// (pid, command line with spaces between its arguments).
+pub fn processes_matching(needles: &[&str]) -> Vec<(u32, String)> {
+    std::fs::read_dir("/proc")
+        .expect("proc")
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            needles.iter().all(|n| cmdline.contains(n)).then_some((pid, cmdline))
+        })
+        .collect()
+}
+
+/// `dicops demo ARGS` with its standard output piped: the child and its
+/// lines.
+pub fn spawn_demo(args: &[&str]) -> (Child, std::io::Lines<std::io::BufReader<std::process::ChildStdout>>) {
+    use std::io::BufRead;
+    let mut child = Command::new(bin("dicops"))
+        .arg("demo")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run demo");
+    let stdout = child.stdout.take().expect("stdout");
+    (child, std::io::BufReader::new(stdout).lines())
+}
+
 pub fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     listener.local_addr().expect("addr").port()
@@ -133,11 +172,7 @@ impl Process {
     }
 
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &self.pid().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
+        send_signal(self.child.id(), signal);
     }
 
     pub fn kill9(&mut self) {
