@@ -74,8 +74,14 @@ fn unescape(field: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
-            let value = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
+        let escaped = (bytes[i] == b'\\' && i + 3 < bytes.len())
+            .then(|| &bytes[i + 1..i + 4])
+            .filter(|digits| digits.iter().all(|b| (b'0'..=b'7').contains(b)))
+            // \400 and above are not a byte: kept as written.
+            .and_then(|d| {
+                u8::try_from(u32::from(d[0] - b'0') * 64 + u32::from(d[1] - b'0') * 8 + u32::from(d[2] - b'0')).ok()
+            });
+        if let Some(value) = escaped {
             out.push(value);
             i += 4;
         } else {
@@ -115,6 +121,7 @@ mod tests {
         assert!(!mounts["/"].filesystem_read_only);
         assert!(mounts["/mnt/iso"].filesystem_read_only);
         assert!(!mounts["/srv/with space"].bind_of_folder);
+        assert_eq!(unescape("a\\777b\\134"), "a\\777b\\");
         // The sandbox's bind mounts repeat `/`, which is measured already.
         assert!(is_duplicate_view(&mounts, "/srv/dicops/replicas"));
         assert!(is_duplicate_view(&mounts, "/tmp"));
