@@ -12,9 +12,12 @@ use clap::{Args, Subcommand};
 use dicops_proto::{is_valid_id, Identity};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    KeyUsagePurpose, PublicKeyData, SanType,
 };
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
 use time::{Duration, OffsetDateTime};
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 #[derive(Debug, Args)]
 pub struct PkiArgs {
@@ -71,6 +74,12 @@ struct IssueArgs {
     /// Overwrite existing files.
     #[arg(long)]
     force: bool,
+    /// Keep an existing certificate that is still good for more than DAYS
+    /// (right holder, same names, signed by this CA, matching key), and
+    /// replace it otherwise. Prints "kept" or "issued": made for cron and
+    /// Ansible, which run it on every pass.
+    #[arg(long, value_name = "DAYS", conflicts_with = "force")]
+    renew_before: Option<i64>,
 }
 
 pub fn run(args: PkiArgs) -> anyhow::Result<ExitCode> {
@@ -92,9 +101,26 @@ pub fn run(args: PkiArgs) -> anyhow::Result<ExitCode> {
                 _ => bail!("say who the certificate is for: --agent ID, --controller or --operator NAME"),
             };
             let out = a.out_dir.clone().unwrap_or_else(|| a.dir.clone());
-            let (cert, key) = issue(&a.dir, &out, &identity, &a.san, a.days, a.force)?;
+            let mut force = a.force;
+            let mut reason = String::new();
+            if let Some(days) = a.renew_before {
+                match why_renew(&a.dir, &out, &identity, &a.san, days) {
+                    None => {
+                        println!(
+                            "kept certificate for {identity}: {} is good for more than {days} days",
+                            out.join(format!("{}.pem", file_stem(&identity))).display()
+                        );
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    Some(why) => {
+                        force = true;
+                        reason = format!(" ({why})");
+                    }
+                }
+            }
+            let (cert, key) = issue(&a.dir, &out, &identity, &a.san, a.days, force)?;
             println!(
-                "issued certificate for {identity}\n  certificate: {}\n  private key: {}",
+                "issued certificate for {identity}{reason}\n  certificate: {}\n  private key: {}",
                 cert.display(),
                 key.display()
             );
@@ -131,6 +157,89 @@ fn write_file(path: &Path, contents: &str, mode: u32, force: bool) -> anyhow::Re
     file.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
+}
+
+/// The names a certificate is issued for: those asked, or for a server
+/// with none asked, the loopback names.
+fn requested_names(identity: &Identity, sans: &[String]) -> Vec<String> {
+    if sans.is_empty() && !matches!(identity, Identity::Operator(_)) {
+        vec!["localhost".into(), "127.0.0.1".into(), "::1".into()]
+    } else {
+        sans.to_vec()
+    }
+}
+
+/// Why the certificate in `out_dir` for `identity` must be (re)issued, or
+/// None when it is still good for more than `days`.
+fn why_renew(ca_dir: &Path, out_dir: &Path, identity: &Identity, sans: &[String], days: i64) -> Option<String> {
+    let stem = file_stem(identity);
+    let cert_path = out_dir.join(format!("{stem}.pem"));
+    let key_path = out_dir.join(format!("{stem}-key.pem"));
+    let Ok(cert_der) = CertificateDer::from_pem_file(&cert_path) else {
+        return Some(format!("no readable certificate at {}", cert_path.display()));
+    };
+    let Ok(key_pem) = std::fs::read_to_string(&key_path) else {
+        return Some(format!("no readable key at {}", key_path.display()));
+    };
+    let Ok(key) = KeyPair::from_pem(&key_pem) else {
+        return Some(format!("{} is not a private key", key_path.display()));
+    };
+    let Ok(ca_der) = CertificateDer::from_pem_file(ca_dir.join("ca.pem")) else {
+        // `issue` names the missing CA.
+        return Some("no CA certificate".into());
+    };
+    let (Ok((_, cert)), Ok((_, ca))) = (X509Certificate::from_der(&cert_der), X509Certificate::from_der(&ca_der))
+    else {
+        return Some(format!("{} cannot be parsed", cert_path.display()));
+    };
+    if cert.verify_signature(Some(ca.public_key())).is_err() {
+        return Some("signed by another CA".into());
+    }
+    if cert.public_key().raw != key.subject_public_key_info().as_slice() {
+        return Some("the key does not match the certificate".into());
+    }
+    let mut names = Vec::new();
+    let mut holder = None;
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::URI(uri) => holder = Identity::from_uri(uri),
+                GeneralName::DNSName(dns) => names.push(dns.to_string()),
+                GeneralName::IPAddress(bytes) => {
+                    if let Ok(v4) = <[u8; 4]>::try_from(*bytes) {
+                        names.push(std::net::IpAddr::from(v4).to_string());
+                    } else if let Ok(v6) = <[u8; 16]>::try_from(*bytes) {
+                        names.push(std::net::IpAddr::from(v6).to_string());
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    if holder.as_ref() != Some(identity) {
+        return Some("issued to another identity".into());
+    }
+    let normalise = |list: &[String]| {
+        let mut list: Vec<String> = list
+            .iter()
+            .map(|n| {
+                n.parse::<std::net::IpAddr>()
+                    .map_or_else(|_| n.to_ascii_lowercase(), |ip| ip.to_string())
+            })
+            .collect();
+        list.sort();
+        list.dedup();
+        list
+    };
+    if normalise(&names) != normalise(&requested_names(identity, sans)) {
+        return Some(format!("its names {:?} differ from those asked", names));
+    }
+    let expires = cert.validity().not_after.to_datetime();
+    let now = OffsetDateTime::now_utc();
+    if expires - now <= Duration::days(days) {
+        return Some(format!("it expires on {}, within {days} days", expires.date()));
+    }
+    None
 }
 
 pub fn init_ca(dir: &Path, name: &str, days: i64, force: bool) -> anyhow::Result<()> {
@@ -206,11 +315,7 @@ pub fn issue(
     params
         .subject_alt_names
         .push(SanType::URI(identity.to_uri().try_into()?));
-    let mut names: Vec<String> = sans.to_vec();
-    if serves && names.is_empty() {
-        names = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
-    }
-    for name in names {
+    for name in requested_names(identity, sans) {
         match name.parse::<std::net::IpAddr>() {
             Ok(ip) => params.subject_alt_names.push(SanType::IpAddress(ip)),
             Err(_) => params.subject_alt_names.push(SanType::DnsName(
@@ -232,4 +337,72 @@ pub fn issue(
     write_file(&key_path, &key.serialize_pem(), 0o600, force)?;
     write_file(&cert_path, &cert.pem(), 0o644, force)?;
     Ok((cert_path, key_path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(id: &str) -> Identity {
+        Identity::Agent(id.into())
+    }
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|n| n.to_string()).collect()
+    }
+
+    #[test]
+    fn renew_before_keeps_a_good_certificate_and_names_why_it_replaces_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ca, out) = (dir.path().join("ca"), dir.path().join("out"));
+        init_ca(&ca, "test CA", 3650, false).expect("init");
+        let sans = names(&["db01.dc1.example.org", "10.0.0.5"]);
+
+        let missing = why_renew(&ca, &out, &agent("db01"), &sans, 30).expect("nothing issued yet");
+        assert!(missing.contains("no readable certificate"), "{missing}");
+
+        issue(&ca, &out, &agent("db01"), &sans, 397, false).expect("issue");
+        assert_eq!(why_renew(&ca, &out, &agent("db01"), &sans, 30), None);
+        // Order, case and IP spelling do not make it differ.
+        let same = names(&["10.0.0.5", "DB01.dc1.example.org"]);
+        assert_eq!(why_renew(&ca, &out, &agent("db01"), &same, 30), None);
+
+        let more = names(&["db01.dc1.example.org", "10.0.0.5", "db01.example.org"]);
+        let reason = why_renew(&ca, &out, &agent("db01"), &more, 30).expect("a name was added");
+        assert!(reason.contains("names"), "{reason}");
+
+        // Due within the renewal window.
+        let reason = why_renew(&ca, &out, &agent("db01"), &sans, 400).expect("expires within 400 days");
+        assert!(reason.contains("expires on"), "{reason}");
+
+        // Another holder's file under this name (copied by mistake).
+        issue(&ca, &out, &agent("db02"), &sans, 397, false).expect("issue db02");
+        std::fs::copy(out.join("agent-db02.pem"), out.join("agent-db01.pem")).expect("copy");
+        std::fs::copy(out.join("agent-db02-key.pem"), out.join("agent-db01-key.pem")).expect("copy");
+        let reason = why_renew(&ca, &out, &agent("db01"), &sans, 30).expect("another identity");
+        assert!(reason.contains("another identity"), "{reason}");
+
+        // A key that is not the certificate's.
+        issue(&ca, &out, &agent("db01"), &sans, 397, true).expect("reissue");
+        std::fs::copy(out.join("agent-db02-key.pem"), out.join("agent-db01-key.pem")).expect("copy");
+        let reason = why_renew(&ca, &out, &agent("db01"), &sans, 30).expect("wrong key");
+        assert!(reason.contains("key does not match"), "{reason}");
+
+        // A new CA: every certificate of the old one is replaced.
+        issue(&ca, &out, &agent("db01"), &sans, 397, true).expect("reissue");
+        init_ca(&ca, "test CA", 3650, true).expect("new CA");
+        let reason = why_renew(&ca, &out, &agent("db01"), &sans, 30).expect("old CA");
+        assert!(reason.contains("another CA"), "{reason}");
+    }
+
+    #[test]
+    fn a_server_certificate_asked_without_names_keeps_the_loopback_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        init_ca(dir.path(), "test CA", 3650, false).expect("init");
+        issue(dir.path(), dir.path(), &Identity::Controller, &[], 397, false).expect("issue");
+        assert_eq!(why_renew(dir.path(), dir.path(), &Identity::Controller, &[], 30), None);
+        let operator = Identity::Operator("alice".into());
+        issue(dir.path(), dir.path(), &operator, &[], 397, false).expect("issue");
+        assert_eq!(why_renew(dir.path(), dir.path(), &operator, &[], 30), None);
+    }
 }
