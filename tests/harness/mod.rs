@@ -9,6 +9,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub mod prometheus;
+pub mod systemd;
+
 use dicops_net::{HttpsClient, TlsFiles, TlsReloader};
 use dicops_proto::Identity;
 use hyper::body::Bytes;
@@ -154,10 +157,14 @@ impl Process {
 
     /// Starts `command --config CONFIG` with its output in `log`.
     pub fn spawn_command(mut command: Command, config: &Path, log: PathBuf) -> Process {
+        command.arg("--config").arg(config);
+        Self::spawn_logged(command, log)
+    }
+
+    /// Starts `command` as it is, with its output in `log`.
+    pub fn spawn_logged(mut command: Command, log: PathBuf) -> Process {
         let log_file = std::fs::File::create(&log).expect("log file");
         let child = command
-            .arg("--config")
-            .arg(config)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("clone"))
