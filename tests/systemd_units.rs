@@ -14,7 +14,7 @@ mod harness;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use harness::Pki;
+use harness::{systemd, Pki};
 
 /// Exposure budgets, on systemd-analyze's 0 (locked down) to 10 scale.
 const CONTROLLER_BUDGET: f64 = 2.5;
@@ -68,24 +68,6 @@ fn read(path: &Path) -> String {
 }
 
 /// `systemd-analyze ARGS`, run in `dir`; a clear failure when it is missing.
-fn systemd_analyze(dir: &Path, args: &[&str]) -> Output {
-    match Command::new("systemd-analyze")
-        .args(args)
-        .current_dir(dir)
-        .env("SYSTEMD_LOG_COLOR", "0")
-        .env("SYSTEMD_PAGER", "")
-        .stdin(Stdio::null())
-        .output()
-    {
-        Ok(output) => output,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
-            "systemd-analyze is not installed: these tests check the systemd units with it. \
-             Install systemd (Debian: apt-get install systemd); PID 1 need not be systemd"
-        ),
-        Err(e) => panic!("cannot run systemd-analyze: {e}"),
-    }
-}
-
 /// Key/value lines of a unit file per section, comments and blank lines
 /// left out, in file order.
 fn directives(text: &str) -> Vec<(String, String, String)> {
@@ -180,58 +162,11 @@ fn staged(unit: &Unit, drop_ins: &[(String, String)]) -> (tempfile::TempDir, Pat
     (dir, path)
 }
 
-/// `systemd-analyze verify`: exit 0 and not one line about our files.
-fn verify(unit: &Unit, dir: &Path, path: &Path) {
-    let out = systemd_analyze(dir, &["verify", path.to_str().expect("utf8 path")]);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let ours: Vec<&str> = text
-        .lines()
-        .filter(|l| l.contains(unit.name) || l.contains(dir.to_str().expect("utf8")))
-        .collect();
-    assert!(
-        out.status.success() && ours.is_empty(),
-        "systemd-analyze verify {} failed or warned ({}):\n{text}",
-        unit.name,
-        out.status
-    );
-    if !text.trim().is_empty() {
-        // About other units of this machine, not ours: shown, not failed.
-        eprintln!("systemd-analyze verify {}, about other units:\n{text}", unit.name);
-    }
-}
-
-/// The overall exposure of `systemd-analyze security --offline=yes`.
-fn exposure(unit: &Unit, dir: &Path, path: &Path) -> f64 {
-    let out = systemd_analyze(dir, &["security", "--offline=yes", path.to_str().expect("utf8 path")]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "systemd-analyze security {} failed ({}):\n{stdout}{}",
-        unit.name,
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // "→ Overall exposure level for dicops-agent.service: 1.4 OK 🙂"
-    let prefix = format!("Overall exposure level for {}:", unit.name);
-    let line = stdout
-        .lines()
-        .find_map(|l| l.split_once(prefix.as_str()).map(|(_, rest)| rest.trim()))
-        .unwrap_or_else(|| panic!("no {prefix:?} line in:\n{stdout}"));
-    line.split_whitespace()
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("cannot read the score in {line:?}"))
-}
-
 #[test]
 fn units_pass_systemd_analyze_verify_with_the_built_binaries() {
     for unit in &UNITS {
         let (dir, path) = staged(unit, &[]);
-        verify(unit, dir.path(), &path);
+        systemd::verify(unit.name, dir.path(), &path);
         // verify looks at ExecStart only: every Exec*= program must exist too.
         for (section, key, value) in directives(&read(&path)) {
             if section == "Service" && key.starts_with("Exec") {
@@ -270,7 +205,7 @@ fn assert_within_budget(unit: &Unit, with: &str, score: f64) {
 fn units_are_within_their_exposure_budget() {
     for unit in &UNITS {
         let (dir, path) = staged(unit, &[]);
-        assert_within_budget(unit, "", exposure(unit, dir.path(), &path));
+        assert_within_budget(unit, "", systemd::exposure(unit.name, dir.path(), &path));
     }
 }
 
@@ -285,12 +220,12 @@ fn documented_drop_ins_verify_and_stay_within_budget() {
         );
         // All of them at once: the most a deployment grants.
         let (dir, path) = staged(unit, &drop_ins);
-        verify(unit, dir.path(), &path);
+        systemd::verify(unit.name, dir.path(), &path);
         let names: Vec<&str> = drop_ins.iter().map(|(n, _)| n.as_str()).collect();
         assert_within_budget(
             unit,
             &format!(" with the drop-ins {names:?}"),
-            exposure(unit, dir.path(), &path),
+            systemd::exposure(unit.name, dir.path(), &path),
         );
     }
     let agent = documented_drop_ins("dicops-agent.service");
@@ -499,4 +434,95 @@ fn controller_reload_checks_then_sends_sighup() {
     // The agent re-reads nothing on SIGHUP (it would stop): no ExecReload.
     let agent = directives(&read(&units_dir().join("dicops-agent.service")));
     assert!(values(&agent, "ExecReload").is_empty(), "dicops-agent has no reload");
+}
+
+/// The Debian package (packaging/deb/build-deb) of the binaries this build
+/// made: its units are the ones above with /usr/bin paths, and they verify
+/// and score the same; its binaries run; every file is root's.
+#[test]
+fn the_debian_package_ships_the_binaries_and_units_that_verify() {
+    let out = tempfile::tempdir().expect("tempdir");
+    let bin_dir = Path::new(UNITS[0].built).parent().expect("target dir");
+    let build = Command::new(workspace().join("packaging/deb/build-deb"))
+        .args(["--bin-dir", bin_dir.to_str().expect("utf8")])
+        .args(["--out-dir", out.path().to_str().expect("utf8")])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run build-deb");
+    assert!(
+        build.status.success(),
+        "build-deb failed:\n{}",
+        String::from_utf8_lossy(&build.stderr)
+    );
+    let deb = PathBuf::from(String::from_utf8_lossy(&build.stdout).trim());
+    let version = env!("CARGO_PKG_VERSION");
+    assert!(
+        deb.is_file()
+            && deb
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&format!("dicops_{version}-1_"))),
+        "build-deb must print the path of dicops_{version}-1_ARCH.deb, printed {deb:?}"
+    );
+    let dpkg_deb = |args: &[&str]| -> String {
+        let out = Command::new("dpkg-deb").args(args).output().expect("dpkg-deb");
+        assert!(
+            out.status.success(),
+            "dpkg-deb {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let deb_str = deb.to_str().expect("utf8");
+    let fields = dpkg_deb(&["--field", deb_str, "Package", "Version", "Depends"]);
+    assert!(
+        fields.contains("Package: dicops\n") && fields.contains(&format!("Version: {version}-1\n")),
+        "{fields}"
+    );
+    assert!(
+        fields.contains("libc6") && fields.contains("procps"),
+        "Depends: {fields}"
+    );
+    for line in dpkg_deb(&["--contents", deb_str]).lines() {
+        assert!(line.contains(" root/root "), "every file must be root's: {line}");
+    }
+
+    let root = tempfile::tempdir().expect("tempdir");
+    dpkg_deb(&["-x", deb_str, root.path().to_str().expect("utf8")]);
+    let control = root.path().join("DEBIAN");
+    dpkg_deb(&["-e", deb_str, control.to_str().expect("utf8")]);
+    for script in ["postinst", "prerm", "postrm"] {
+        let status = Command::new("sh")
+            .arg("-n")
+            .arg(control.join(script))
+            .status()
+            .expect("sh -n");
+        assert!(status.success(), "{script} is not valid sh");
+    }
+    let usr_bin = root.path().join("usr/bin");
+    for binary in ["dicops", "dicops-agent", "dicops-controller"] {
+        let out = Command::new(usr_bin.join(binary))
+            .arg("--version")
+            .output()
+            .expect("run packaged binary");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            format!("{binary} {version}")
+        );
+    }
+    for unit in &UNITS {
+        let packaged = read(&root.path().join("lib/systemd/system").join(unit.name));
+        let source = read(&units_dir().join(unit.name));
+        assert_eq!(
+            packaged,
+            source.replace("/usr/local/bin/", "/usr/bin/"),
+            "{}: the package must ship packaging/systemd's unit with /usr/bin paths",
+            unit.name
+        );
+        // Verified with the packaged binaries where the unit expects /usr/bin.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(unit.name);
+        std::fs::write(&path, packaged.replace("/usr/bin/", &format!("{}/", usr_bin.display()))).expect("write");
+        systemd::verify(unit.name, dir.path(), &path);
+        assert_within_budget(unit, " (packaged)", systemd::exposure(unit.name, dir.path(), &path));
+    }
 }
