@@ -231,6 +231,35 @@ fn a_controller_crash_keeps_the_open_run_and_catches_up_once_after_it() {
 }
 
 #[test]
+fn a_retry_pending_when_the_controller_is_killed_runs_after_it_restarts() {
+    // The retry waits 3 s: the controller dies in that window.
+    let d = deployment("  - {name: flaky, agent: db01, command: fail, retries: 2, retry_backoff: 3s}\n");
+    let mut controller = d.start_controller();
+    let _db01 = d.start_agent("db01");
+    d.wait_agents_up(&["db01"], Duration::from_secs(20));
+    let (code, out, err) = cli(&d, &["run", "flaky"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let failed = wait_until(Duration::from_secs(20), "the first attempt to fail", || {
+        runs(&d, "flaky").into_iter().find(|r| r.status == "failed")
+    });
+    assert_eq!(failed.attempt, 0);
+    controller.kill9();
+    let _controller = d.start_controller();
+
+    // Without the failed run's record the retry would be forgotten.
+    let retries = wait_until(Duration::from_secs(30), "both retries after the restart", || {
+        let history = runs(&d, "flaky");
+        (history.iter().filter(|r| r.trigger == "retry").count() == 2 && history.iter().all(|r| r.status == "failed"))
+            .then_some(history)
+    });
+    let attempts: Vec<u32> = retries.iter().map(|r| r.attempt).collect();
+    assert_eq!(attempts, [2, 1, 0], "newest first, one run per attempt: {retries:?}");
+    // The backoff is kept: 3 s after the failure, then 6 s.
+    let gap = retries[1].created_at - failed.finished_at.unwrap_or(0.0);
+    assert!(gap >= 2.5, "the first retry came {gap:.1} s after the failure");
+}
+
+#[test]
 fn a_result_held_by_a_killed_agent_arrives_exactly_once() {
     let d = deployment("  - {name: nap, agent: db01, command: nap, retries: 0}\n");
     let controller = d.start_controller();

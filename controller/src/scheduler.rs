@@ -360,7 +360,7 @@ impl Scheduler {
                         trigger: Trigger::parse(&run.trigger).unwrap_or(Trigger::Schedule),
                         attempt: run.attempt,
                     });
-                    let (timer, action) = JobTimer::start(
+                    let (mut timer, action) = JobTimer::start(
                         job.schedule.as_ref(),
                         tz,
                         &job.policy,
@@ -369,6 +369,19 @@ impl Scheduler {
                         active,
                         now,
                     );
+                    // A retry the previous process had pending (it lives in
+                    // memory only) comes back from the last run's record.
+                    if adopted.is_none() {
+                        if let Some(last) = self.store.runs_of(&job.name, 1)?.into_iter().next() {
+                            let unsuccessful = matches!(last.status.as_str(), "failed" | "timed_out" | "interrupted");
+                            if let (true, Some(ended)) = (unsuccessful, last.finished_at) {
+                                timer.resume_retry(last.attempt, to_time(ended), &job.policy, random_unit());
+                                if let Some((at, attempt)) = timer.retry {
+                                    tracing::info!(job = %job.name, run = last.id, attempt, at = %at, "resuming the retry of a run that failed before the restart");
+                                }
+                            }
+                        }
+                    }
                     let summary = summaries.remove(&job.name).unwrap_or_default();
                     // What the database holds: a catch-up fire differs and gets saved.
                     let saved_fire = row.last_fire.map(to_time);

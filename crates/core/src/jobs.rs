@@ -272,6 +272,20 @@ impl JobTimer {
         }
         None
     }
+
+    /// At controller start: the job's last run, at `attempt`, ended without
+    /// success at `ended`, and the process that would have retried it
+    /// stopped. Its retry is due when it would have been (now, if that has
+    /// passed), under the same rules as in `finished`.
+    pub fn resume_retry(&mut self, attempt: u32, ended: DateTime<Utc>, policy: &RunPolicy, random: f64) {
+        if self.running.is_some() || self.retry.is_some() || attempt >= policy.retries {
+            return;
+        }
+        let at = after(ended, policy.retry_backoff.delay(attempt, random));
+        if self.next_fire.is_none_or(|next| at < next) {
+            self.retry = Some((at, attempt + 1));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -486,6 +500,43 @@ mod tests {
         // A retry that would land after the next fire is not scheduled.
         timer.tick(Some(&s), UTC, &policy(), t("11:00:00"), 0.0);
         timer.finished(Outcome::Failed, &policy(), t("11:59:30"), 0.0);
+        assert_eq!(timer.retry, None);
+    }
+
+    #[test]
+    fn a_retry_pending_when_the_controller_stopped_is_resumed_at_start() {
+        let s = hourly();
+        let start = |now| JobTimer::start(Some(&s), UTC, &policy(), Some(t("10:00:00")), false, None, now).0;
+        // Failed at 10:05 (attempt 0): its retry was due at 10:06.
+        let mut timer = start(t("10:05:30"));
+        timer.resume_retry(0, t("10:05:00"), &policy(), 0.0);
+        assert_eq!(timer.retry, Some((t("10:06:00"), 1)));
+        assert_eq!(
+            timer.tick(Some(&s), UTC, &policy(), t("10:06:00"), 0.0),
+            [Action::Start {
+                trigger: Trigger::Retry,
+                attempt: 1,
+                at: t("10:06:00")
+            }]
+        );
+        // Down past the due time: the retry starts at once.
+        let mut timer = start(t("10:30:00"));
+        timer.resume_retry(1, t("10:05:00"), &policy(), 0.0);
+        assert_eq!(timer.retry, Some((t("10:07:00"), 2)));
+        assert!(matches!(
+            timer.tick(Some(&s), UTC, &policy(), t("10:30:00"), 0.0)[..],
+            [Action::Start {
+                trigger: Trigger::Retry,
+                attempt: 2,
+                ..
+            }]
+        ));
+        // Retries used up, or the retry would come after the next fire: none.
+        let mut timer = start(t("10:30:00"));
+        timer.resume_retry(2, t("10:05:00"), &policy(), 0.0);
+        assert_eq!(timer.retry, None);
+        let mut timer = start(t("10:59:50"));
+        timer.resume_retry(0, t("10:59:30"), &policy(), 0.0);
         assert_eq!(timer.retry, None);
     }
 
