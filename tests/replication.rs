@@ -7,55 +7,10 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use harness::files::{assert_snapshots_whole, noise, tree, write, write_old};
 use harness::{free_port, promtool_check_metrics, sample, wait_until, Deployment, Process};
 
 /// Pseudo-random bytes (xorshift), reproducible and incompressible.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 24) as u8
-        })
-        .collect()
-}
-
-fn write(path: &Path, bytes: &[u8]) {
-    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
-    std::fs::write(path, bytes).expect("write");
-}
-
-/// Writes a file as a backup tool would have an hour ago: the source
-/// trusts its chunk cache only for files not modified in the last seconds.
-fn write_old(path: &Path, bytes: &[u8]) {
-    write(path, bytes);
-    let file = std::fs::File::options().write(true).open(path).expect("open");
-    file.set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
-        .expect("mtime");
-}
-
-/// Every regular file under `dir`, relative, sorted, with its content.
-fn tree(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).expect("read_dir") {
-            let path = entry.expect("entry").path();
-            let meta = std::fs::symlink_metadata(&path).expect("meta");
-            if meta.is_dir() {
-                stack.push(path);
-            } else if meta.is_file() {
-                let rel = path.strip_prefix(dir).expect("rel").to_string_lossy().into_owned();
-                out.push((rel, std::fs::read(&path).expect("read")));
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 struct Sites {
     d: Deployment,
     source: PathBuf,
@@ -654,29 +609,6 @@ fn a_full_destination_disk_fails_the_run_and_keeps_earlier_snapshots() {
 }
 
 /// Every snapshot folder holds exactly what its manifest says.
-fn assert_snapshots_whole(job_dir: &Path) {
-    for entry in std::fs::read_dir(job_dir.join("snapshots")).expect("snapshots") {
-        let dir = entry.expect("entry").path();
-        let name = dir.file_name().expect("name").to_string_lossy().into_owned();
-        let manifest = std::fs::read_to_string(job_dir.join("manifests").join(format!("{name}.ndjson")))
-            .unwrap_or_else(|e| panic!("snapshot {name} has no manifest: {e}"));
-        let mut expected: Vec<(String, String)> = manifest
-            .lines()
-            .skip(1)
-            .map(|line| {
-                let entry: dicops_proto::ManifestEntry = serde_json::from_str(line).expect("entry");
-                (entry.path, entry.blake3)
-            })
-            .collect();
-        expected.sort();
-        let actual: Vec<(String, String)> = tree(&dir)
-            .into_iter()
-            .map(|(path, bytes)| (path, blake3::hash(&bytes).to_hex().to_string()))
-            .collect();
-        assert_eq!(actual, expected, "snapshot {name} is not whole");
-    }
-}
-
 #[test]
 fn agents_killed_at_random_moments_never_leave_a_partial_snapshot() {
     let iterations: usize = std::env::var("DICOPS_KILL_ITERATIONS")

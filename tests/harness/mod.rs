@@ -9,6 +9,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub mod files;
+pub mod netns;
 pub mod prometheus;
 pub mod systemd;
 
@@ -226,6 +228,13 @@ pub struct Deployment {
     pub agent_extra: String,
     /// YAML appended to one agent's config: (agent id, YAML).
     pub agent_extras: Vec<(String, String)>,
+    /// Where the controller listens (`listen:`), agents dial it, and this
+    /// test reaches it: loopback, unless the sites are network namespaces.
+    pub controller_listen: String,
+    pub controller_host: String,
+    pub operator_host: String,
+    /// Process (`controller` or an agent id) -> network namespace it runs in.
+    pub namespaces: Vec<(String, String)>,
     pub runtime: tokio::runtime::Runtime,
 }
 
@@ -253,6 +262,10 @@ impl Deployment {
             controller_extra: String::new(),
             agent_extra: String::new(),
             agent_extras: Vec::new(),
+            controller_listen: "127.0.0.1".into(),
+            controller_host: "127.0.0.1".into(),
+            operator_host: "127.0.0.1".into(),
+            namespaces: Vec::new(),
             runtime: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -266,7 +279,8 @@ impl Deployment {
 
     pub fn controller_yaml(&self) -> String {
         let mut text = format!(
-            "listen: 127.0.0.1:{}\nstate:\n  database: {}\n{}health:\n  report_interval: {}\n  down_after_missed_reports: {}\nlimits:\n  max_request_bytes: 64KiB\nsites:\n",
+            "listen: {}:{}\nstate:\n  database: {}\n{}health:\n  report_interval: {}\n  down_after_missed_reports: {}\nlimits:\n  max_request_bytes: 64KiB\nsites:\n",
+            self.controller_listen,
             self.port,
             self.root.path().join("controller.db").display(),
             self.pki.tls_yaml("controller"),
@@ -291,7 +305,11 @@ impl Deployment {
         if !config.exists() {
             std::fs::write(&config, self.controller_yaml()).expect("write controller config");
         }
-        let process = Process::spawn("dicops-controller", &config, self.path("controller.log"));
+        let process = Process::spawn_command(
+            self.command("controller", "dicops-controller"),
+            &config,
+            self.path("controller.log"),
+        );
         let mut client = self.operator();
         wait_until(Duration::from_secs(20), "controller /readyz", || {
             match self.runtime.block_on(client.request(Method::GET, "/readyz", None)) {
@@ -304,7 +322,8 @@ impl Deployment {
 
     pub fn agent_yaml(&self, id: &str) -> String {
         format!(
-            "id: {id}\ncontroller:\n  url: https://127.0.0.1:{}\nstate_dir: {}\n{}collect:\n  interval: {}\n  backups_interval: {}\n  paths: [{}]\n",
+            "id: {id}\ncontroller:\n  url: https://{}:{}\nstate_dir: {}\n{}collect:\n  interval: {}\n  backups_interval: {}\n  paths: [{}]\n",
+            self.controller_host,
             self.port,
             self.root.path().join(format!("agent-{id}-state")).display(),
             self.pki.tls_yaml(&format!("agent-{id}")),
@@ -323,7 +342,25 @@ impl Deployment {
     pub fn start_agent(&self, id: &str) -> Process {
         let config = self.path(&format!("agent-{id}.yaml"));
         std::fs::write(&config, self.agent_yaml(id)).expect("write agent config");
-        Process::spawn("dicops-agent", &config, self.path(&format!("agent-{id}.log")))
+        Process::spawn_command(
+            self.command(id, "dicops-agent"),
+            &config,
+            self.path(&format!("agent-{id}.log")),
+        )
+    }
+
+    /// The command that starts `binary` for `process`: in its network
+    /// namespace (`ip netns exec`, which execs it: the pid is the daemon's)
+    /// when it has one.
+    fn command(&self, process: &str, binary: &str) -> Command {
+        match self.namespaces.iter().find(|(p, _)| p == process) {
+            Some((_, namespace)) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", namespace]).arg(bin(binary));
+                command
+            }
+            None => Command::new(bin(binary)),
+        }
     }
 
     /// Starts an agent as an unprivileged user, as production does. Its
@@ -378,8 +415,12 @@ impl Deployment {
 
     pub fn client(&self, stem: &str) -> HttpsClient {
         let tls: Arc<TlsReloader> = TlsReloader::load(self.pki.files(stem)).expect("tls");
-        let mut client =
-            HttpsClient::new(&format!("https://127.0.0.1:{}", self.port), Identity::Controller, tls).expect("client");
+        let mut client = HttpsClient::new(
+            &format!("https://{}:{}", self.operator_host, self.port),
+            Identity::Controller,
+            tls,
+        )
+        .expect("client");
         client.connect_timeout = Duration::from_secs(2);
         client.request_timeout = Duration::from_secs(5);
         client
@@ -448,7 +489,8 @@ impl Deployment {
         std::fs::write(
             &path,
             format!(
-                "controller: https://127.0.0.1:{}\n{}",
+                "controller: https://{}:{}\n{}",
+                self.operator_host,
                 self.port,
                 self.pki.tls_yaml("operator-ops")
             ),
