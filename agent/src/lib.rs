@@ -352,3 +352,39 @@ pub fn main_entry() -> ExitCode {
         ExitCode::SUCCESS
     })
 }
+
+/// The agent's decoders of bytes another agent sends, for the fuzz targets
+/// in fuzz/ and their regression test (tests/fuzz_regressions.rs). Not an
+/// API: each returns what it decoded, or the refusal it would log.
+#[doc(hidden)]
+pub mod fuzzing {
+    use dicops_proto::ChunkRef;
+
+    /// A source's answer to a chunk request, as the destination reads it.
+    /// The input's first byte says how many chunks were asked (0-3); each
+    /// is 32 bytes of id and a 3-byte length, then comes the body.
+    pub fn chunk_answer(data: &[u8]) -> Result<usize, String> {
+        let (&count, mut rest) = data.split_first().ok_or("empty")?;
+        let mut asked = Vec::new();
+        for _ in 0..count % 4 {
+            let (head, tail) = rest.split_at_checked(35).ok_or("short")?;
+            let mut id = [0u8; 32];
+            id.copy_from_slice(&head[..32]);
+            let len = u32::from_le_bytes([head[32], head[33], head[34], 0]);
+            asked.push(ChunkRef {
+                id: crate::replication::serve::encode_hex32(&id),
+                len,
+            });
+            rest = tail;
+        }
+        crate::replication::pull::parse_frames(rest, &asked).map(|chunks| chunks.len())
+    }
+
+    /// A source's manifest, parsed and checked as before anything is
+    /// written: paths that escape the snapshot, bad ids, bad chunk lists.
+    pub fn manifest(data: &[u8]) -> Result<usize, String> {
+        let (_, entries) = crate::replication::pull::parse_manifest(data)?;
+        crate::replication::snapshot::validate_entries(&entries)?;
+        Ok(entries.len())
+    }
+}

@@ -604,7 +604,7 @@ fn batches(missing: &[ChunkRef], max_bytes: u64) -> Vec<&[ChunkRef]> {
 }
 
 /// The manifest: a header line, then one entry per line.
-fn parse_manifest(body: &[u8]) -> Result<(ManifestHeader, Vec<ManifestEntry>), String> {
+pub(crate) fn parse_manifest(body: &[u8]) -> Result<(ManifestHeader, Vec<ManifestEntry>), String> {
     let mut lines = body.split(|b| *b == b'\n').filter(|l| !l.is_empty());
     let header: ManifestHeader = lines
         .next()
@@ -643,7 +643,7 @@ fn parse_manifest(body: &[u8]) -> Result<(ManifestHeader, Vec<ManifestEntry>), S
 /// The frames of a chunk answer: every chunk asked for, each decompressed
 /// within its announced length. Whether its bytes match its id is checked
 /// when it is stored.
-fn parse_frames(body: &[u8], asked: &[ChunkRef]) -> Result<Vec<(String, Vec<u8>)>, String> {
+pub(crate) fn parse_frames(body: &[u8], asked: &[ChunkRef]) -> Result<Vec<(String, Vec<u8>)>, String> {
     let lengths: std::collections::HashMap<&str, u32> = asked.iter().map(|c| (c.id.as_str(), c.len)).collect();
     let mut seen = HashSet::new();
     let mut out = Vec::new();

@@ -338,7 +338,7 @@ fn is_chunk_id(id: &str) -> bool {
 
 /// Refuses a list of entries that could write outside the snapshot or that
 /// cannot be built as given. Runs before anything touches the disk.
-fn validate_entries(entries: &[ManifestEntry]) -> Result<(), String> {
+pub(crate) fn validate_entries(entries: &[ManifestEntry]) -> Result<(), String> {
     if u32::try_from(entries.len()).is_err() {
         return Err(format!(
             "refused: {} files is more than one snapshot holds",
