@@ -104,6 +104,13 @@ pub fn run(args: PkiArgs) -> anyhow::Result<ExitCode> {
             let mut force = a.force;
             let mut reason = String::new();
             if let Some(days) = a.renew_before {
+                if days >= a.days {
+                    // Every run would find the new certificate due again.
+                    bail!(
+                        "--renew-before {days} must be fewer days than the validity, --days {}",
+                        a.days
+                    );
+                }
                 match why_renew(&a.dir, &out, &identity, &a.san, days) {
                     None => {
                         println!(
