@@ -7,7 +7,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use harness::files::{assert_snapshots_whole, noise, tree, write, write_old};
+use harness::files::{assert_snapshots_whole, noise, tree, write, write_old, SmallDisk};
 use harness::{free_port, promtool_check_metrics, sample, wait_until, Deployment, Process};
 
 /// Pseudo-random bytes (xorshift), reproducible and incompressible.
@@ -543,30 +543,6 @@ fn a_lying_source_cannot_write_outside_the_root_or_publish_bad_data() {
 }
 
 /// A small filesystem mounted for one test, unmounted when dropped.
-struct SmallDisk(PathBuf);
-
-impl SmallDisk {
-    fn mount(dir: &Path, size: &str) -> SmallDisk {
-        let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .output()
-            .expect("run mount");
-        assert!(
-            out.status.success(),
-            "this test mounts a small tmpfs as the destination disk and needs root (CAP_SYS_ADMIN): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        SmallDisk(dir.to_path_buf())
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn a_full_destination_disk_fails_the_run_and_keeps_earlier_snapshots() {
     let s = sites(

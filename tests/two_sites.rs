@@ -8,7 +8,8 @@
 //! - a slow link: a replication's bandwidth limit, and health reports
 //!   crossing a link that a replication saturates;
 //! - kill -9 of the controller and of either agent at random moments
-//!   across many runs.
+//!   across many runs;
+//! - a destination disk too small for the next snapshot.
 //!
 //! Needs root and iproute2 (see harness/netns.rs). The tests here take
 //! turns: they measure rates and delays, which a second test moving data
@@ -20,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use harness::files::{assert_snapshots_whole, noise, tree, write_old};
+use harness::files::{assert_snapshots_whole, noise, tree, write_old, SmallDisk};
 use harness::netns::{address, TwoSites};
 use harness::{sample, wait_until, Deployment, Process};
 
@@ -36,14 +37,23 @@ struct Running {
     source: PathBuf,
     replicas: PathBuf,
     _processes: Vec<Process>,
+    /// Unmounted after the processes above are gone.
+    _disk: Option<SmallDisk>,
 }
 
 fn start(net: &TwoSites, replication: &str) -> Running {
+    start_with_disk(net, replication, None)
+}
+
+/// `disk`: the size in MiB of an ext4 disk mounted as backup01's
+/// replication root.
+fn start_with_disk(net: &TwoSites, replication: &str, disk: Option<u64>) -> Running {
     let mut d = net.deployment(&[("dc1", &["db01", "app01"]), ("dc2", &["backup01", "app02"])]);
     let source = d.path("source");
     let replicas = d.path("replicas");
     std::fs::create_dir_all(&source).expect("source");
     std::fs::create_dir_all(&replicas).expect("replicas");
+    let disk = disk.map(|mib| SmallDisk::mount_ext4(&replicas, mib));
     let db01 = address("db01");
     d.agent_extras = vec![
         (
@@ -69,6 +79,7 @@ fn start(net: &TwoSites, replication: &str) -> Running {
         source,
         replicas,
         _processes: processes,
+        _disk: disk,
     }
 }
 
@@ -458,4 +469,80 @@ fn two_sites_kill_9_of_the_controller_and_either_agent_loses_no_run_and_publishe
             );
         }
     }
+}
+
+#[test]
+fn two_sites_a_full_destination_disk_fails_the_run_keeps_earlier_snapshots_and_shows_in_the_space_metrics() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let net = TwoSites::new("100mbit");
+    let run = start_with_disk(
+        &net,
+        &format!(
+            "{{name: {JOB}, source: {{agent: db01, export: dumps}}, destination: {{agent: backup01, root: replicas}}, \
+             retention: {{keep_last: 1}}, retries: 0}}"
+        ),
+        Some(24),
+    );
+    let d = &run.d;
+    let job_dir = run.replicas.join(JOB);
+    let mountpoint = run.replicas.display().to_string();
+    let space = || {
+        let metrics = d.metrics();
+        let labels = [("agent", "backup01"), ("mountpoint", mountpoint.as_str())];
+        let avail = sample(&metrics, "dicops_host_filesystem_avail_bytes", &labels)?;
+        let size = sample(&metrics, "dicops_host_filesystem_size_bytes", &labels)?;
+        Some(avail / size)
+    };
+
+    write_old(&run.source.join("monday.sql"), &noise(6 * MIB as usize, 501));
+    let (code, out, err) = d.cli(&["run", JOB, "--follow"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let first = std::fs::canonicalize(job_dir.join("latest")).expect("first snapshot");
+    let first_tree = tree(&first);
+
+    // 6 + 20 MiB on a 24 MiB disk: the run fails and says why.
+    write_old(&run.source.join("tuesday.sql"), &noise(20 * MIB as usize, 502));
+    let (code, out, _) = d.cli(&["run", JOB, "--follow"]);
+    assert_eq!(code, 1, "a run that does not fit must fail: {out}");
+    let failed = d.runs(JOB).remove(0);
+    assert!(
+        failed
+            .error
+            .clone()
+            .unwrap_or_default()
+            .contains("No space left on device"),
+        "the reason must say the disk is full: {failed:?}"
+    );
+    assert_eq!(std::fs::canonicalize(job_dir.join("latest")).expect("latest"), first);
+    assert_eq!(tree(&first), first_tree, "the earlier snapshot is intact");
+    assert_snapshots_whole(&job_dir);
+    // What HostFilesystemAlmostFull reads (avail / size < 0.05) shows the
+    // full disk once the agent reports it.
+    let full = wait_until(Duration::from_secs(15), "the full disk in the metrics", || {
+        space().filter(|ratio| *ratio < 0.05)
+    });
+    eprintln!("replication root after the failed run: {:.1}% free", full * 100.0);
+    let metrics = d.metrics();
+    assert_eq!(
+        sample(&metrics, "dicops_replication_last_run_successful", &[("job", JOB)]),
+        Some(0.0),
+        "ReplicationFailed reads this"
+    );
+
+    // The big dump goes; the next run fits, publishes, and retention
+    // (keep_last: 1) removes the older snapshot.
+    std::fs::remove_file(run.source.join("tuesday.sql")).expect("rm");
+    write_old(&run.source.join("wednesday.sql"), &noise(4 * MIB as usize, 503));
+    let (code, out, err) = d.cli(&["run", JOB, "--follow"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let latest = std::fs::canonicalize(job_dir.join("latest")).expect("latest");
+    assert_ne!(latest, first);
+    assert_eq!(tree(&latest), tree(&run.source));
+    let snapshots = std::fs::read_dir(job_dir.join("snapshots")).expect("snapshots").count();
+    assert_eq!(snapshots, 1, "keep_last: 1 keeps only the newest snapshot");
+    assert_snapshots_whole(&job_dir);
+    let after = wait_until(Duration::from_secs(15), "space back in the metrics", || {
+        space().filter(|ratio| *ratio > 0.05)
+    });
+    eprintln!("replication root after the next run: {:.1}% free", after * 100.0);
 }

@@ -1,7 +1,7 @@
 //! Files for replication tests: incompressible data, trees compared byte
 //! for byte, and snapshots checked against their manifests.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Incompressible bytes (xorshift), the same for the same seed.
@@ -73,5 +73,60 @@ pub fn assert_snapshots_whole(job_dir: &Path) {
             .map(|(path, bytes)| (path, blake3::hash(&bytes).to_hex().to_string()))
             .collect();
         assert_eq!(actual, expected, "snapshot {name} is not whole");
+    }
+}
+
+/// A small disk mounted on a folder, unmounted on drop: a tmpfs of a given
+/// size, or an ext4 image on a loop device (which the agent lists among the
+/// host's filesystems, as it would a real disk). Needs root.
+pub struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    pub fn mount(dir: &Path, size: &str) -> SmallDisk {
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "this test mounts a small tmpfs as the destination disk and needs root (CAP_SYS_ADMIN): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallDisk(dir.to_path_buf())
+    }
+
+    /// An ext4 filesystem of `mib` MiB (no blocks reserved for root), in an
+    /// image file beside `dir`, loop-mounted on it.
+    pub fn mount_ext4(dir: &Path, mib: u64) -> SmallDisk {
+        let image = dir.with_extension("img");
+        let run = |program: &str, args: &[&str]| {
+            let out = std::process::Command::new(program)
+                .args(args)
+                .output()
+                .unwrap_or_else(|e| panic!("{program}: {e}"));
+            assert!(
+                out.status.success(),
+                "{program} {args:?} (this test needs root and e2fsprogs for a loop-mounted disk): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let image_str = image.to_str().expect("utf8");
+        run("truncate", &["-s", &format!("{mib}M"), image_str]);
+        run("mkfs.ext4", &["-q", "-F", "-m", "0", image_str]);
+        run("mount", &["-o", "loop", image_str, dir.to_str().expect("utf8")]);
+        SmallDisk(dir.to_path_buf())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        // -d frees a loop device too.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg("-d")
+            .arg(&self.0)
+            .status();
+        let _ = std::fs::remove_file(self.0.with_extension("img"));
     }
 }
