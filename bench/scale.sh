@@ -17,9 +17,14 @@
 # SKIP_BUILD=1 (and bench/controller.sh's own).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-# One descriptor per connection on both sides, and then some.
-ulimit -n 65536
+# One descriptor per connection in each process (the controller, the load
+# generator), and then some: as many as the hard limit allows.
+ulimit -n "$(ulimit -Hn)"
 for agents in ${SCALE_AGENTS:-2000 10000}; do
+    if (( $(ulimit -n) < agents + 1000 )); then
+        echo "scale.sh: $agents agents need $((agents + 1000)) open files per process, the limit here is $(ulimit -n)" >&2
+        exit 1
+    fi
     echo "=================== $agents agents"
     RUNS=${RUNS:-3} LOAD_AGENTS=$agents LOAD_CONCURRENCY=64 RENDER_AGENTS=$agents \
         RENDERS=${RENDERS:-20} bash "$ROOT/bench/controller.sh"
