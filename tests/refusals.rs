@@ -27,6 +27,7 @@ fn report(agent: &str, seq: u64) -> Vec<u8> {
         report_failures: Default::default(),
         backups: Vec::new(),
         data_url: None,
+        data_refusals: Default::default(),
         exports: Vec::new(),
         certificate_expiry_timestamp_seconds: None,
     })
@@ -201,13 +202,37 @@ fn bad_clients_are_refused_clearly_and_counted() {
     assert_eq!(refusal(status, &body), (StatusCode::CONFLICT, "stale_report".into()));
 
     // The controller keeps serving: a good report is accepted, and app01 is up.
+    // Its data-port refusals are exported under known reasons only: an
+    // agent cannot mint label values.
     let mut app01 = d.client("agent-app01");
+    let mut with_refusals: Report = serde_json::from_slice(&report("app01", 1)).expect("report");
+    with_refusals.data_refusals = [("wrong_peer", 3), ("made_up_reason", 7), ("also_made_up", 1)]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
     let (status, _) = rt
-        .block_on(app01.request(Method::POST, dicops_proto::REPORT_PATH, Some(report("app01", 1))))
+        .block_on(app01.request(
+            Method::POST,
+            dicops_proto::REPORT_PATH,
+            Some(serde_json::to_vec(&with_refusals).expect("json")),
+        ))
         .expect("request");
     assert_eq!(status, StatusCode::OK);
     let metrics = d.metrics();
     assert_eq!(sample(&metrics, "dicops_agent_up", &[("agent", "app01")]), Some(1.0));
+    let refusals = |reason| {
+        sample(
+            &metrics,
+            "dicops_agent_data_refusals_total",
+            &[("agent", "app01"), ("reason", reason)],
+        )
+    };
+    assert_eq!(refusals("wrong_peer"), Some(3.0));
+    assert_eq!(refusals("other"), Some(8.0));
+    assert!(
+        !metrics.contains("made_up_reason"),
+        "an unknown reason must not become a label"
+    );
     assert_eq!(sample(&metrics, "dicops_reports_accepted_total", &[]), Some(2.0));
 
     // Every refusal is counted by reason.

@@ -471,6 +471,7 @@ fn fake_source(d: &Deployment, port: u16, cert: &str, mode: std::sync::Arc<std::
         backups: Vec::new(),
         exports: Vec::new(),
         data_url: Some(format!("https://127.0.0.1:{port}")),
+        data_refusals: Default::default(),
         certificate_expiry_timestamp_seconds: None,
     };
     let mut client = d.client("agent-db01");

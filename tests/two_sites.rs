@@ -9,7 +9,9 @@
 //!   crossing a link that a replication saturates;
 //! - kill -9 of the controller and of either agent at random moments
 //!   across many runs;
-//! - a destination disk too small for the next snapshot.
+//! - a destination disk too small for the next snapshot;
+//! - peers with valid certificates sending what they must not to a
+//!   source's data port.
 //!
 //! Needs root and iproute2 (see harness/netns.rs). The tests here take
 //! turns: they measure rates and delays, which a second test moving data
@@ -545,4 +547,129 @@ fn two_sites_a_full_destination_disk_fails_the_run_keeps_earlier_snapshots_and_s
         space().filter(|ratio| *ratio > 0.05)
     });
     eprintln!("replication root after the next run: {:.1}% free", after * 100.0);
+}
+
+#[test]
+fn two_sites_peers_with_valid_certificates_sending_garbage_to_a_data_port_are_refused_logged_and_counted() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let net = TwoSites::new("100mbit");
+    net.reach_sites_from_here();
+    let run = start(
+        &net,
+        &format!(
+            "{{name: {JOB}, source: {{agent: db01, export: dumps}}, destination: {{agent: backup01, root: replicas}}, \
+             bandwidth: 1MiB/s}}"
+        ),
+    );
+    let d = &run.d;
+    write_old(&run.source.join("dump.sql"), &noise(12 * MIB as usize, 900));
+    let (code, out, err) = d.cli(&["run", JOB]);
+    assert_eq!(code, 0, "{out}{err}");
+    // The real pull is under way: db01 holds a grant for backup01.
+    let staging = run.replicas.join(JOB).join("staging");
+    let id = wait_until(Duration::from_secs(30), "the transfer under way", || {
+        (bytes_under(&staging) > MIB).then_some(())?;
+        d.runs(JOB).into_iter().find(|r| r.status == "running").map(|r| r.id)
+    });
+
+    // app02 (a valid certificate, no grant) and a compromised backup01 (its
+    // own certificate, from outside its agent) at db01's data port.
+    let peer = |stem: &str| {
+        let tls = dicops_net::TlsReloader::load(d.pki.files(stem)).expect("tls");
+        let url = format!("https://{}:9444", address("db01"));
+        dicops_net::HttpsClient::new(&url, dicops_proto::Identity::Agent("db01".into()), tls).expect("client")
+    };
+    let (mut app02, mut backup01) = (peer("agent-app02"), peer("agent-backup01"));
+    let ask = |client: &mut dicops_net::HttpsClient, method: hyper::Method, path: &str, body: Option<Vec<u8>>| {
+        let (status, body) = d
+            .runtime
+            .block_on(client.request(method, path, body))
+            .expect("an answer");
+        let reason = serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default()["reason"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        (status.as_u16(), reason)
+    };
+    let manifest = format!("/data/v1/runs/{id}/manifest");
+    let chunks = format!("/data/v1/runs/{id}/chunks");
+    // (what db01 answered, what it must answer): HTTP status and reason.
+    type Answer = (u16, String);
+    let cases: Vec<(Answer, (u16, &str))> = vec![
+        (
+            ask(&mut app02, hyper::Method::GET, &manifest, None),
+            (403, "wrong_peer"),
+        ),
+        (
+            ask(&mut backup01, hyper::Method::GET, "/data/v1/runs/999999/manifest", None),
+            (404, "no_grant"),
+        ),
+        (
+            ask(
+                &mut backup01,
+                hyper::Method::GET,
+                "/data/v1/runs/../../etc/passwd",
+                None,
+            ),
+            (404, "not_found"),
+        ),
+        (
+            ask(&mut backup01, hyper::Method::POST, &chunks, Some(b"{not json".to_vec())),
+            (400, "malformed"),
+        ),
+        (
+            ask(&mut backup01, hyper::Method::POST, &chunks, Some(vec![b'x'; 5 << 20])),
+            (400, "malformed"),
+        ),
+        (
+            ask(
+                &mut backup01,
+                hyper::Method::POST,
+                &chunks,
+                Some(format!("{{\"ids\":[\"{}\"],\"compress\":false}}", "ab".repeat(32)).into_bytes()),
+            ),
+            (404, "unknown_chunk"),
+        ),
+    ];
+    for (got, (status, reason)) in &cases {
+        assert_eq!(got.1, *reason, "{got:?}");
+        assert_eq!(got.0, *status, "{got:?}");
+    }
+
+    // Counted: in db01's next reports, on the controller's /metrics.
+    let expected: Vec<(&str, f64)> = vec![
+        ("wrong_peer", 1.0),
+        ("no_grant", 1.0),
+        ("not_found", 1.0),
+        ("malformed", 2.0),
+        ("unknown_chunk", 1.0),
+    ];
+    wait_until(Duration::from_secs(15), "db01's refusals on /metrics", || {
+        let metrics = d.metrics();
+        expected
+            .iter()
+            .all(|(reason, n)| {
+                sample(
+                    &metrics,
+                    "dicops_agent_data_refusals_total",
+                    &[("agent", "db01"), ("reason", reason)],
+                ) >= Some(*n)
+            })
+            .then_some(())
+    });
+    // Logged, with the reason.
+    let log = std::fs::read_to_string(d.path("agent-db01.log")).expect("db01 log");
+    for (reason, _) in &expected {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("data request refused") && l.contains(reason)),
+            "db01 must log the {reason} refusal"
+        );
+    }
+    // Nothing crashed, and the real run, from the real backup01, completes.
+    wait_until(Duration::from_secs(60), "the real run to succeed", || {
+        d.runs(JOB).into_iter().find(|r| r.id == id && r.status == "succeeded")
+    });
+    assert_eq!(tree(&run.replicas.join(JOB).join("latest")), tree(&run.source));
+    assert_snapshots_whole(&run.replicas.join(JOB));
 }

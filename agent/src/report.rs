@@ -95,6 +95,7 @@ impl Reporter {
                     report_failures: failures,
                     backups: self.backups.latest(),
                     data_url: self.data_url.clone(),
+                    data_refusals: crate::replication::serve::refusals(),
                     exports: self.source.as_ref().map(|s| s.latest_audit()).unwrap_or_default(),
                     certificate_expiry_timestamp_seconds: Some(self.tls.not_after()),
                 };

@@ -72,6 +72,7 @@ defs! {
     AGENT_INFO = "dicops_agent_info", Gauge, "Version, OS and kernel of the agent; always 1.";
     AGENT_REPORT_INTERVAL = "dicops_agent_report_interval_seconds", Gauge, "The report interval the agent announced.";
     AGENT_REPORT_FAILURES = "dicops_agent_report_failures_total", Counter, "Failed attempts of the agent to reach the controller since it started, by class (network, tls, rejected), as the agent last reported them.";
+    AGENT_DATA_REFUSALS = "dicops_agent_data_refusals_total", Counter, "Requests to the agent's replication data port it refused since it started, by reason (wrong_peer, no_grant, malformed...; anything else is other), as the agent last reported them.";
     HOST_CPU = "dicops_host_cpu_usage_ratio", Gauge, "CPU busy time over the last collection interval, 0 to 1 (all cores).";
     HOST_LOAD1 = "dicops_host_load1", Gauge, "1-minute load average.";
     HOST_LOAD5 = "dicops_host_load5", Gauge, "5-minute load average.";

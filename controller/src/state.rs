@@ -1,7 +1,7 @@
 //! What the controller knows right now: the inventory from its config and
 //! the latest report of every agent.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use dicops_config::ControllerConfig;
@@ -290,6 +290,25 @@ impl State {
                     m::AGENT_REPORT_FAILURES,
                     &[("site", site), ("agent", agent), ("reason", reason)],
                     value as f64,
+                );
+            }
+        }
+        e.family(m::AGENT_DATA_REFUSALS);
+        for (site, agent, r, _) in &reported {
+            // Known reasons only: the label stays bounded whatever an agent sends.
+            let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
+            for (reason, n) in &r.report.data_refusals {
+                let known = dicops_proto::DATA_REFUSAL_REASONS
+                    .iter()
+                    .find(|k| **k == reason.as_str());
+                let slot = counts.entry(known.copied().unwrap_or("other")).or_default();
+                *slot = slot.saturating_add(*n);
+            }
+            for (reason, n) in counts {
+                e.sample(
+                    m::AGENT_DATA_REFUSALS,
+                    &[("site", site), ("agent", agent), ("reason", reason)],
+                    n as f64,
                 );
             }
         }

@@ -39,6 +39,8 @@ pub struct TwoSites {
     link_dc2: String,
     /// The controller's address on the management link, reached from here.
     pub controller_mgmt: String,
+    /// The management link's subnet (a /30).
+    mgmt_subnet: String,
 }
 
 fn run(args: &[&str]) -> Result<(), String> {
@@ -82,6 +84,7 @@ impl TwoSites {
             link_dc1: format!("d{id}a"),
             link_dc2: format!("d{id}b"),
             controller_mgmt: String::new(),
+            mgmt_subnet: String::new(),
         };
         run(&["ip", "netns", "add", &net.dc1])?;
         // From here on, drop removes what was made.
@@ -122,6 +125,7 @@ impl TwoSites {
         let (a, b) = (subnet / 64, (subnet % 64) * 4);
         let host_addr = format!("10.202.{a}.{}", b + 1);
         net.controller_mgmt = format!("10.202.{a}.{}", b + 2);
+        net.mgmt_subnet = format!("10.202.{a}.{b}/30");
         let (mgmt_host, mgmt_dc2) = (format!("d{id}m"), format!("d{id}n"));
         run(&[
             "ip", "link", "add", &mgmt_host, "type", "veth", "peer", "name", &mgmt_dc2,
@@ -141,6 +145,35 @@ impl TwoSites {
         run(&["ip", "link", "set", &mgmt_host, "up"])?;
         run(&["ip", "-n", &net.dc2, "link", "set", &mgmt_dc2, "up"])?;
         Ok(net)
+    }
+
+    /// Routes this namespace to every address of both sites through dc2
+    /// (which forwards), as an intruder on the management network would
+    /// reach them. The routes go with the namespaces.
+    pub fn reach_sites_from_here(&self) {
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.dc2,
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.ip_forward=1",
+        ])
+        .expect("forwarding");
+        run(&["ip", "route", "add", "10.201.0.0/24", "via", &self.controller_mgmt]).expect("route to the sites");
+        run(&[
+            "ip",
+            "-n",
+            &self.dc1,
+            "route",
+            "add",
+            &self.mgmt_subnet,
+            "via",
+            address("controller"),
+        ])
+        .expect("route back from dc1");
     }
 
     /// Cuts the inter-site link (both directions), as a failed line would.

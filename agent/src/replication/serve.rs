@@ -78,8 +78,25 @@ pub struct Source {
     latest_audit: Mutex<Vec<ExportAudit>>,
 }
 
+/// Refusals of this process's data port, by reason, for its reports.
+static REFUSALS: Mutex<BTreeMap<String, u64>> = Mutex::new(BTreeMap::new());
+
+fn count_refusal(reason: &str) {
+    *REFUSALS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(reason.to_string())
+        .or_default() += 1;
+}
+
+/// The data port's refusals since the agent started, by reason.
+pub fn refusals() -> BTreeMap<String, u64> {
+    REFUSALS.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
 fn error(status: StatusCode, reason: &str, message: String) -> Response<Full<Bytes>> {
     tracing::warn!(reason, %message, "data request refused");
+    count_refusal(reason);
     let body = serde_json::to_vec(&ApiError {
         reason: reason.to_string(),
         error: message,
@@ -722,6 +739,7 @@ pub async fn serve(
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::warn!(peer = %addr, limit = MAX_DATA_CONNECTIONS, "data port: too many open connections; refusing");
+            count_refusal("too_many_connections");
             continue;
         };
         let _ = tcp.set_nodelay(true);

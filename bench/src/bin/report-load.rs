@@ -372,6 +372,7 @@ fn report_template(id: &str, n: usize, interval: f64) -> Result<(Vec<u8>, Vec<u8
         report_failures: ReportFailures::default(),
         backups: Vec::new(),
         data_url: None,
+        data_refusals: Default::default(),
         exports: Vec::new(),
         certificate_expiry_timestamp_seconds: Some(now + 397.0 * 86_400.0),
     };

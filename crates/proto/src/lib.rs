@@ -16,6 +16,25 @@ pub const STATUS_PATH: &str = "/api/v1/status";
 /// `dicops://operator/<name>`.
 pub const IDENTITY_URI_SCHEME: &str = "dicops://";
 
+/// Why an agent's data port refuses a request: the only values of
+/// `Report::data_refusals` keys the controller exports (a label must stay
+/// bounded whatever an agent sends).
+pub const DATA_REFUSAL_REASONS: &[&str] = &[
+    "not_found",
+    "no_grant",
+    "wrong_peer",
+    "grant_expired",
+    "unknown_export",
+    "no_manifest",
+    "too_many_chunks",
+    "unknown_chunk",
+    "too_many_bytes",
+    "malformed",
+    "source_changed",
+    "source_read",
+    "too_many_connections",
+];
+
 /// Who a certificate speaks for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "role", content = "name", rename_all = "snake_case")]
@@ -108,6 +127,10 @@ pub struct Report {
     /// Where peers pull replication data from this agent, if it serves any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_url: Option<String>,
+    /// Requests to the data port refused since the agent started, by reason
+    /// (one of `DATA_REFUSAL_REASONS`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub data_refusals: std::collections::BTreeMap<String, u64>,
     /// The agent's own certificate, as it sees it.
     #[serde(default)]
     pub certificate_expiry_timestamp_seconds: Option<f64>,
