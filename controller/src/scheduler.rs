@@ -27,6 +27,11 @@ fn to_time(unix: f64) -> DateTime<Utc> {
     Utc.timestamp_millis_opt(millis).single().unwrap_or_default()
 }
 
+/// A run status that ends a run without success, which a retry may follow.
+fn ended_without_success(status: &str) -> bool {
+    matches!(status, "failed" | "timed_out" | "interrupted")
+}
+
 fn to_unix(at: DateTime<Utc>) -> f64 {
     at.timestamp_millis() as f64 / 1000.0
 }
@@ -369,12 +374,13 @@ impl Scheduler {
                         active,
                         now,
                     );
+                    let summary = summaries.remove(&job.name).unwrap_or_default();
                     // A retry the previous process had pending (it lives in
-                    // memory only) comes back from the last run's record.
-                    if adopted.is_none() {
+                    // memory only) comes back from the last run's record,
+                    // read only for a job whose last run did not succeed.
+                    if adopted.is_none() && summary.last_status.as_deref().is_some_and(ended_without_success) {
                         if let Some(last) = self.store.runs_of(&job.name, 1)?.into_iter().next() {
-                            let unsuccessful = matches!(last.status.as_str(), "failed" | "timed_out" | "interrupted");
-                            if let (true, Some(ended)) = (unsuccessful, last.finished_at) {
+                            if let (true, Some(ended)) = (ended_without_success(&last.status), last.finished_at) {
                                 timer.resume_retry(last.attempt, to_time(ended), &job.policy, random_unit());
                                 if let Some((at, attempt)) = timer.retry {
                                     tracing::info!(job = %job.name, run = last.id, attempt, at = %at, "resuming the retry of a run that failed before the restart");
@@ -382,7 +388,6 @@ impl Scheduler {
                             }
                         }
                     }
-                    let summary = summaries.remove(&job.name).unwrap_or_default();
                     // What the database holds: a catch-up fire differs and gets saved.
                     let saved_fire = row.last_fire.map(to_time);
                     if let Some(run) = &adopted {
