@@ -231,6 +231,15 @@ impl Site {
         path
     }
 
+    /// A play limited to `limit`, with one host's vars overridden, that
+    /// must fail (`what` says why it should): its whole output.
+    fn refused(&self, what: &str, override_vars: (&str, &str), limit: &str) -> String {
+        let out = self.play(&self.inventory(&[override_vars]), &["--limit", limit]);
+        let output = text(&out);
+        assert!(!out.status.success(), "{what} must fail:\n{output}");
+        output
+    }
+
     fn play(&self, inventory: &Path, extra: &[&str]) -> Output {
         let mut args = vec!["-i", inventory.to_str().expect("utf8"), "site.yml"];
         args.extend_from_slice(extra);
@@ -520,43 +529,34 @@ fn the_playbook_deploys_both_sites_a_second_run_changes_nothing_and_the_installe
 
     // Bad inventories fail early, name the cause and change nothing.
     let config_before = std::fs::read(site.path("ctl/etc/dicops/controller.yaml")).expect("config");
-    let bad_type = site.play(
-        &site.inventory(&[("db01", "dicops_agent_data_port: not-a-port")]),
-        &["--limit", "db01"],
-    );
-    let out = text(&bad_type);
-    assert!(
-        !bad_type.status.success(),
-        "a port that is not a number must fail:\n{out}"
+    let out = site.refused(
+        "a port that is not a number",
+        ("db01", "dicops_agent_data_port: not-a-port"),
+        "db01",
     );
     assert!(
         out.contains("dicops_agent_data_port") && out.contains("int"),
         "argument_specs must name the variable and its type:\n{out}"
     );
 
-    let bad_site = site.play(
-        &site.inventory(&[("backup01", "dicops_site: dc3")]),
-        &["--limit", "ctl,backup01"],
-    );
-    let out = text(&bad_site);
-    assert!(
-        !bad_site.status.success(),
-        "an agent in an unknown site must fail:\n{out}"
+    let out = site.refused(
+        "an agent in an unknown site",
+        ("backup01", "dicops_site: dc3"),
+        "ctl,backup01",
     );
     assert!(
         out.contains("backup01") && out.contains("dicops_site") && out.contains("dc1, dc2"),
         "the error must name the host, the variable and the sites:\n{out}"
     );
 
-    let bad_schedule = site.play(
-        &site.inventory(&[(
+    let out = site.refused(
+        "a bad schedule",
+        (
             "db01",
             "dicops_agent_jobs: [{name: db01-nightly, command: dump, schedule: \"61 * * * *\"}]",
-        )]),
-        &["--limit", "ctl"],
+        ),
+        "ctl",
     );
-    let out = text(&bad_schedule);
-    assert!(!bad_schedule.status.success(), "a bad schedule must fail:\n{out}");
     assert!(
         out.contains("failed to validate") && out.contains("schedule"),
         "dicops-controller --check must refuse the generated config and say why:\n{out}"

@@ -43,13 +43,15 @@ struct Running {
     _disk: Option<SmallDisk>,
 }
 
-fn start(net: &TwoSites, replication: &str) -> Running {
-    start_with_disk(net, replication, None)
+fn start(net: &TwoSites, jobs: &[(&str, &str)]) -> Running {
+    start_with_disk(net, jobs, None)
 }
 
 /// `disk`: the size in MiB of an ext4 disk mounted as backup01's
 /// replication root.
-fn start_with_disk(net: &TwoSites, replication: &str, disk: Option<u64>) -> Running {
+/// `jobs`: replications of db01's `dumps` to backup01's `replicas`, each a
+/// name and its policy fields (`bandwidth: 4MiB/s, retries: 0`).
+fn start_with_disk(net: &TwoSites, jobs: &[(&str, &str)], disk: Option<u64>) -> Running {
     let mut d = net.deployment(&[("dc1", &["db01", "app01"]), ("dc2", &["backup01", "app02"])]);
     let source = d.path("source");
     let replicas = d.path("replicas");
@@ -70,7 +72,17 @@ fn start_with_disk(net: &TwoSites, replication: &str, disk: Option<u64>) -> Runn
             format!("roots: {{replicas: {}}}\n", replicas.display()),
         ),
     ];
-    d.controller_extra = format!("replications:\n  - {replication}\n");
+    d.controller_extra = "replications:\n".to_string();
+    for (name, policy) in jobs {
+        let policy = if policy.is_empty() {
+            String::new()
+        } else {
+            format!(", {policy}")
+        };
+        d.controller_extra.push_str(&format!(
+            "  - {{name: {name}, source: {{agent: db01, export: dumps}}, destination: {{agent: backup01, root: replicas}}{policy}}}\n"
+        ));
+    }
     let mut processes = vec![d.start_controller()];
     for agent in ["db01", "app01", "backup01", "app02"] {
         processes.push(d.start_agent(agent));
@@ -82,6 +94,19 @@ fn start_with_disk(net: &TwoSites, replication: &str, disk: Option<u64>) -> Runn
         replicas,
         _processes: processes,
         _disk: disk,
+    }
+}
+
+impl Running {
+    /// `dicops run JOB`, not followed: the id of the run it created.
+    fn trigger(&self, job: &str) -> i64 {
+        let (code, out, err) = self.d.cli(&["run", job]);
+        assert_eq!(code, 0, "{out}{err}");
+        // "started run 12 of dumps-to-dc2"
+        out.split_whitespace()
+            .nth(2)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no run id in {out:?}"))
     }
 }
 
@@ -125,10 +150,10 @@ fn two_sites_a_partition_fails_the_run_cleanly_and_healing_resumes_it_without_re
     let net = TwoSites::new("100mbit");
     let run = start(
         &net,
-        &format!(
-            "{{name: {JOB}, source: {{agent: db01, export: dumps}}, destination: {{agent: backup01, root: replicas}}, \
-             stall_timeout: 3s, retries: 8, retry_backoff: 2s, retry_backoff_max: 8s}}"
-        ),
+        &[(
+            JOB,
+            "stall_timeout: 3s, retries: 8, retry_backoff: 2s, retry_backoff_max: 8s",
+        )],
     );
     let d = &run.d;
     // 96 MiB that does not compress: about 8 s on 100 Mbit/s.
@@ -138,8 +163,7 @@ fn two_sites_a_partition_fails_the_run_cleanly_and_healing_resumes_it_without_re
             &noise(32 * MIB as usize, 40 + i),
         );
     }
-    let (code, out, err) = d.cli(&["run", JOB]);
-    assert_eq!(code, 0, "{out}{err}");
+    run.trigger(JOB);
 
     // Cut the link once a third has arrived in staging.
     let staging = run.replicas.join(JOB).join("staging");
@@ -235,14 +259,7 @@ fn two_sites_a_slow_link_honours_the_bandwidth_limit_and_reports_keep_arriving()
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let net = TwoSites::new("100mbit");
     let limit = 4 * MIB;
-    let run = start(
-        &net,
-        &format!(
-            "{{name: {JOB}, source: {{agent: db01, export: dumps}}, destination: {{agent: backup01, root: replicas}}, \
-             bandwidth: 4MiB/s}}\n  - {{name: unlimited, source: {{agent: db01, export: dumps}}, \
-             destination: {{agent: backup01, root: replicas}}}}"
-        ),
-    );
+    let run = start(&net, &[(JOB, "bandwidth: 4MiB/s"), ("unlimited", "")]);
     let d = &run.d;
     // 48 MiB: 12 s at 4 MiB/s.
     for i in 0..3 {
@@ -254,8 +271,7 @@ fn two_sites_a_slow_link_honours_the_bandwidth_limit_and_reports_keep_arriving()
 
     // (a) The job's limit, measured on the wire (dc1's end of the link),
     // over the middle of the transfer: within 10 %.
-    let (code, out, err) = d.cli(&["run", JOB]);
-    assert_eq!(code, 0, "{out}{err}");
+    run.trigger(JOB);
     let staging = run.replicas.join(JOB).join("staging");
     wait_until(Duration::from_secs(60), "the transfer under way", || {
         (bytes_under(&staging) > 4 * MIB).then_some(())
@@ -282,8 +298,7 @@ fn two_sites_a_slow_link_honours_the_bandwidth_limit_and_reports_keep_arriving()
             &noise(32 * MIB as usize, 90 + i),
         );
     }
-    let (code, out, err) = d.cli(&["run", "unlimited"]);
-    assert_eq!(code, 0, "{out}{err}");
+    run.trigger("unlimited");
     let started = Instant::now();
     let mut worst_age: f64 = 0.0;
     let mut peak: f64 = 0.0;
@@ -376,10 +391,10 @@ fn two_sites_kill_9_of_the_controller_and_either_agent_loses_no_run_and_publishe
     let net = TwoSites::new("100mbit");
     let mut run = start(
         &net,
-        &format!(
-            "{{name: {JOB}, source: {{agent: db01, export: dumps}}, destination: {{agent: backup01, root: replicas}}, \
-             bandwidth: 8MiB/s, stall_timeout: 5s, retries: 10, retry_backoff: 1s, retry_backoff_max: 2s}}"
-        ),
+        &[(
+            JOB,
+            "bandwidth: 8MiB/s, stall_timeout: 5s, retries: 10, retry_backoff: 1s, retry_backoff_max: 2s",
+        )],
     );
     let mut random = random_source();
     let job_dir = run.replicas.join(JOB);
@@ -391,15 +406,7 @@ fn two_sites_kill_9_of_the_controller_and_either_agent_loses_no_run_and_publishe
         let size = (2 + random() % 5) as usize * MIB as usize;
         write_old(&run.source.join(format!("day-{round:02}.sql")), &noise(size, random()));
         let newest = run.d.runs(JOB).first().map_or(0, |r| r.id);
-        let (code, out, err) = run.d.cli(&["run", JOB]);
-        assert_eq!(code, 0, "{out}{err}");
-        // "started run 12 of dumps-to-dc2"
-        let id = out
-            .split_whitespace()
-            .nth(2)
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no run id in {out:?}"));
-        triggered.push(id);
+        triggered.push(run.trigger(JOB));
 
         std::thread::sleep(Duration::from_millis(200 + random() % 2500));
         let (slot, name) = victims[(random() % 3) as usize];
@@ -477,14 +484,7 @@ fn two_sites_kill_9_of_the_controller_and_either_agent_loses_no_run_and_publishe
 fn two_sites_a_full_destination_disk_fails_the_run_keeps_earlier_snapshots_and_shows_in_the_space_metrics() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let net = TwoSites::new("100mbit");
-    let run = start_with_disk(
-        &net,
-        &format!(
-            "{{name: {JOB}, source: {{agent: db01, export: dumps}}, destination: {{agent: backup01, root: replicas}}, \
-             retention: {{keep_last: 1}}, retries: 0}}"
-        ),
-        Some(24),
-    );
+    let run = start_with_disk(&net, &[(JOB, "retention: {keep_last: 1}, retries: 0")], Some(24));
     let d = &run.d;
     let job_dir = run.replicas.join(JOB);
     let mountpoint = run.replicas.display().to_string();
@@ -554,17 +554,10 @@ fn two_sites_peers_with_valid_certificates_sending_garbage_to_a_data_port_are_re
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let net = TwoSites::new("100mbit");
     net.reach_sites_from_here();
-    let run = start(
-        &net,
-        &format!(
-            "{{name: {JOB}, source: {{agent: db01, export: dumps}}, destination: {{agent: backup01, root: replicas}}, \
-             bandwidth: 1MiB/s}}"
-        ),
-    );
+    let run = start(&net, &[(JOB, "bandwidth: 1MiB/s")]);
     let d = &run.d;
     write_old(&run.source.join("dump.sql"), &noise(12 * MIB as usize, 900));
-    let (code, out, err) = d.cli(&["run", JOB]);
-    assert_eq!(code, 0, "{out}{err}");
+    run.trigger(JOB);
     // The real pull is under way: db01 holds a grant for backup01.
     let staging = run.replicas.join(JOB).join("staging");
     let id = wait_until(Duration::from_secs(30), "the transfer under way", || {
