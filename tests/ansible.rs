@@ -180,6 +180,9 @@ impl Site {
                 dump:
                   argv: [/bin/sh, -c, 'echo "dump of run $DICOPS_RUN_ID" > "$DICOPS_OUTPUT_DIR/dump-$DICOPS_RUN_ID.sql"']
                   output: {root}/db01/var/backups/db
+                  # An absolute floor: the default (1% of the filesystem)
+                  # depends on how full the test machine's disk is.
+                  min_free: 16MiB
                   timeout: 1m
               dicops_agent_exports: {{dumps: {root}/db01/var/backups/db}}
               dicops_agent_backups:

@@ -48,11 +48,30 @@ fn deployment(agent_commands: &str, controller_backups: &str) -> Deployment {
     let script = write_script(d.root.path(), "dump.sh", DUMP_SCRIPT);
     std::fs::create_dir_all(d.path("out")).expect("output folder");
     d.controller_extra = format!("backups:\n{controller_backups}");
-    d.agent_extra = agent_commands
+    d.agent_extra = with_small_floor(agent_commands)
         .replace("@SCRIPT@", script.to_str().expect("utf8"))
         .replace("@OUT@", d.path("out").to_str().expect("utf8"))
         .replace("@ROOT@", d.root.path().to_str().expect("utf8"));
     d
+}
+
+/// Gives every command that names no `min_free` a small absolute floor. The
+/// default, 1% of the filesystem, depends on how full the test machine's
+/// disk is (a CI machine once had 0.6% free); the floor itself is tested
+/// with `min_free: 1000TiB` below.
+fn with_small_floor(agent_commands: &str) -> String {
+    let lines: Vec<&str> = agent_commands.lines().collect();
+    let mut out = String::new();
+    for (i, line) in lines.iter().enumerate() {
+        out.push_str(line);
+        out.push('\n');
+        let next = lines.get(i + 1).map(|l| l.trim_start());
+        if line.trim_start().starts_with("output:") && !next.is_some_and(|l| l.starts_with("min_free:")) {
+            let indent = &line[..line.len() - line.trim_start().len()];
+            out.push_str(&format!("{indent}min_free: 16MiB\n"));
+        }
+    }
+    out
 }
 
 #[test]
