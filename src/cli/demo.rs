@@ -165,8 +165,11 @@ fn write_configs(dir: &Path, port: u16, interval: u64) -> anyhow::Result<()> {
             if let Some((_, database)) = DUMPS.iter().find(|(a, _)| *a == agent) {
                 let output = dir.join("backups").join(agent);
                 std::fs::create_dir_all(&output)?;
+                // The demo's dumps are a few KiB: an absolute floor lets it
+                // run on a nearly full disk, where the default (1% of the
+                // filesystem) would refuse every dump.
                 config.push_str(&format!(
-                    "  pg-dump:\n    argv: [{}, {database}]\n    output: {}\n    timeout: 5m\n    retention: {{keep_last: 10}}\n",
+                    "  pg-dump:\n    argv: [{}, {database}]\n    output: {}\n    min_free: 64MiB\n    timeout: 5m\n    retention: {{keep_last: 10}}\n",
                     script.display(),
                     output.display()
                 ));
