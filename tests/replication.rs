@@ -277,9 +277,7 @@ fn agents_refuse_what_their_own_config_does_not_allow() {
         ),
         ("no-port", "source agent app01 has not announced a data port"),
     ] {
-        let (code, out, _) = d.cli(&["run", job, "--follow"]);
-        assert_eq!(code, 1, "{out}");
-        let run = d.runs(job).remove(0);
+        let run = d.run_failing(job);
         assert_eq!(run.status, "failed");
         assert!(run.error.clone().unwrap_or_default().contains(error), "{job}: {run:?}");
     }
@@ -510,9 +508,7 @@ fn a_lying_source_cannot_write_outside_the_root_or_publish_bad_data() {
         ),
     ] {
         *mode.lock().expect("mode") = hostile;
-        let (code, out, _) = d.cli(&["run", "from-fake", "--follow"]);
-        assert_eq!(code, 1, "{out}");
-        let run = d.runs("from-fake").remove(0);
+        let run = d.run_failing("from-fake");
         assert_eq!(run.status, "failed");
         assert!(
             run.error.clone().unwrap_or_default().contains(error),
@@ -523,9 +519,7 @@ fn a_lying_source_cannot_write_outside_the_root_or_publish_bad_data() {
     // the source the ticket names: refused before any request.
     let impostor = free_port();
     fake_source(d, impostor, "agent-app01", mode.clone());
-    let (code, out, _) = d.cli(&["run", "from-fake", "--follow"]);
-    assert_eq!(code, 1, "{out}");
-    let refused = d.runs("from-fake").remove(0);
+    let refused = d.run_failing("from-fake");
     let error = refused.error.clone().unwrap_or_default();
     assert!(error.contains("app01") && error.contains("db01"), "{refused:?}");
     assert!(!d.path("escape.txt").exists() && !s.replicas.join("escape.txt").exists());
@@ -559,9 +553,7 @@ fn a_full_destination_disk_fails_the_run_and_keeps_earlier_snapshots() {
 
     // A dump that does not fit in what is left.
     write(&s.source.join("big.dump"), &noise(5 << 20, 22));
-    let (code, out, _) = d.cli(&["run", "fills", "--follow"]);
-    assert_eq!(code, 1, "{out}");
-    let failed = d.runs("fills").remove(0);
+    let failed = d.run_failing("fills");
     assert!(
         failed
             .error
@@ -755,9 +747,7 @@ fn verify_finds_damage_repairs_from_the_source_and_reports_what_is_lost() {
     }
     std::fs::remove_file(s.source.join("b.dump")).expect("rm at the source");
 
-    let (code, out, _) = d.cli(&["run", "verify-dumps", "--follow"]);
-    assert_eq!(code, 1, "{out}");
-    let run = d.runs("verify-dumps").remove(0);
+    let run = d.run_failing("verify-dumps");
     assert!(run.error.clone().unwrap_or_default().contains("b.dump"), "{run:?}");
     assert!(
         run.output_tail

@@ -14,7 +14,7 @@ mod harness;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use harness::{systemd, Pki};
+use harness::{run_ok, systemd, Pki};
 
 /// Exposure budgets, on systemd-analyze's 0 (locked down) to 10 scale.
 const CONTROLLER_BUDGET: f64 = 2.5;
@@ -443,16 +443,12 @@ fn controller_reload_checks_then_sends_sighup() {
 fn the_debian_package_ships_the_binaries_and_units_that_verify() {
     let out = tempfile::tempdir().expect("tempdir");
     let bin_dir = Path::new(UNITS[0].built).parent().expect("target dir");
-    let build = Command::new(workspace().join("packaging/deb/build-deb"))
-        .args(["--bin-dir", bin_dir.to_str().expect("utf8")])
-        .args(["--out-dir", out.path().to_str().expect("utf8")])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run build-deb");
-    assert!(
-        build.status.success(),
-        "build-deb failed:\n{}",
-        String::from_utf8_lossy(&build.stderr)
+    let build = run_ok(
+        Command::new(workspace().join("packaging/deb/build-deb"))
+            .args(["--bin-dir", bin_dir.to_str().expect("utf8")])
+            .args(["--out-dir", out.path().to_str().expect("utf8")])
+            .stdin(Stdio::null()),
+        "build-deb must build the package",
     );
     let deb = PathBuf::from(String::from_utf8_lossy(&build.stdout).trim());
     let version = env!("CARGO_PKG_VERSION");
@@ -464,12 +460,7 @@ fn the_debian_package_ships_the_binaries_and_units_that_verify() {
         "build-deb must print the path of dicops_{version}-1_ARCH.deb, printed {deb:?}"
     );
     let dpkg_deb = |args: &[&str]| -> String {
-        let out = Command::new("dpkg-deb").args(args).output().expect("dpkg-deb");
-        assert!(
-            out.status.success(),
-            "dpkg-deb {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = run_ok(Command::new("dpkg-deb").args(args), "dpkg-deb reads the package");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let deb_str = deb.to_str().expect("utf8");

@@ -108,6 +108,22 @@ impl Running {
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("no run id in {out:?}"))
     }
+
+    /// Three dumps of `mib` MiB each that do not compress, written at the
+    /// source as `{prefix}-0.sql` and on, from seeds `seed` and on.
+    fn write_dumps(&self, prefix: &str, mib: u64, seed: u64) {
+        for i in 0..3 {
+            write_old(
+                &self.source.join(format!("{prefix}-{i}.sql")),
+                &noise((mib * MIB) as usize, seed + i),
+            );
+        }
+    }
+
+    /// Bytes in `job`'s staging folder at the destination.
+    fn staged(&self, job: &str) -> u64 {
+        bytes_under(&self.replicas.join(job).join("staging"))
+    }
 }
 
 /// Bytes under `dir`, recursively (a missing folder holds none).
@@ -157,22 +173,16 @@ fn two_sites_a_partition_fails_the_run_cleanly_and_healing_resumes_it_without_re
     );
     let d = &run.d;
     // 96 MiB that does not compress: about 8 s on 100 Mbit/s.
-    for i in 0..3 {
-        write_old(
-            &run.source.join(format!("dump-{i}.sql")),
-            &noise(32 * MIB as usize, 40 + i),
-        );
-    }
+    run.write_dumps("dump", 32, 40);
     run.trigger(JOB);
 
     // Cut the link once a third has arrived in staging.
-    let staging = run.replicas.join(JOB).join("staging");
     wait_until(Duration::from_secs(60), "a third of the data in staging", || {
-        (bytes_under(&staging) > 32 * MIB).then_some(())
+        (run.staged(JOB) > 32 * MIB).then_some(())
     });
     net.partition();
     let cut = Instant::now();
-    let staged_at_cut = bytes_under(&staging);
+    let staged_at_cut = run.staged(JOB);
 
     // dc1's agents are marked down; dc2's stay up.
     wait_until(Duration::from_secs(20), "dc1 agents marked down", || {
@@ -262,19 +272,13 @@ fn two_sites_a_slow_link_honours_the_bandwidth_limit_and_reports_keep_arriving()
     let run = start(&net, &[(JOB, "bandwidth: 4MiB/s"), ("unlimited", "")]);
     let d = &run.d;
     // 48 MiB: 12 s at 4 MiB/s.
-    for i in 0..3 {
-        write_old(
-            &run.source.join(format!("dump-{i}.sql")),
-            &noise(16 * MIB as usize, 70 + i),
-        );
-    }
+    run.write_dumps("dump", 16, 70);
 
     // (a) The job's limit, measured on the wire (dc1's end of the link),
     // over the middle of the transfer: within 10 %.
     run.trigger(JOB);
-    let staging = run.replicas.join(JOB).join("staging");
     wait_until(Duration::from_secs(60), "the transfer under way", || {
-        (bytes_under(&staging) > 4 * MIB).then_some(())
+        (run.staged(JOB) > 4 * MIB).then_some(())
     });
     let (t0, b0) = (Instant::now(), net.dc1_bytes_sent());
     std::thread::sleep(Duration::from_secs(6));
@@ -292,12 +296,7 @@ fn two_sites_a_slow_link_honours_the_bandwidth_limit_and_reports_keep_arriving()
 
     // (b) A replication with no limit fills the 100 Mbit/s link; the health
     // reports of both dc1 agents cross it all along, on time.
-    for i in 0..3 {
-        write_old(
-            &run.source.join(format!("next-{i}.sql")),
-            &noise(32 * MIB as usize, 90 + i),
-        );
-    }
+    run.write_dumps("next", 32, 90);
     run.trigger("unlimited");
     let started = Instant::now();
     let mut worst_age: f64 = 0.0;
@@ -504,9 +503,7 @@ fn two_sites_a_full_destination_disk_fails_the_run_keeps_earlier_snapshots_and_s
 
     // 6 + 20 MiB on a 24 MiB disk: the run fails and says why.
     write_old(&run.source.join("tuesday.sql"), &noise(20 * MIB as usize, 502));
-    let (code, out, _) = d.cli(&["run", JOB, "--follow"]);
-    assert_eq!(code, 1, "a run that does not fit must fail: {out}");
-    let failed = d.runs(JOB).remove(0);
+    let failed = d.run_failing(JOB);
     assert!(
         failed
             .error
@@ -559,9 +556,8 @@ fn two_sites_peers_with_valid_certificates_sending_garbage_to_a_data_port_are_re
     write_old(&run.source.join("dump.sql"), &noise(12 * MIB as usize, 900));
     run.trigger(JOB);
     // The real pull is under way: db01 holds a grant for backup01.
-    let staging = run.replicas.join(JOB).join("staging");
     let id = wait_until(Duration::from_secs(30), "the transfer under way", || {
-        (bytes_under(&staging) > MIB).then_some(())?;
+        (run.staged(JOB) > MIB).then_some(())?;
         d.runs(JOB).into_iter().find(|r| r.status == "running").map(|r| r.id)
     });
 

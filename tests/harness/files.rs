@@ -2,7 +2,10 @@
 //! for byte, and snapshots checked against their manifests.
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
+
+use super::run_ok;
 
 /// Incompressible bytes (xorshift), the same for the same seed.
 pub fn noise(len: usize, seed: u64) -> Vec<u8> {
@@ -83,15 +86,11 @@ pub struct SmallDisk(PathBuf);
 
 impl SmallDisk {
     pub fn mount(dir: &Path, size: &str) -> SmallDisk {
-        let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .output()
-            .expect("run mount");
-        assert!(
-            out.status.success(),
-            "this test mounts a small tmpfs as the destination disk and needs root (CAP_SYS_ADMIN): {}",
-            String::from_utf8_lossy(&out.stderr)
+        run_ok(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir),
+            "this test mounts a small tmpfs as the destination disk and needs root (CAP_SYS_ADMIN)",
         );
         SmallDisk(dir.to_path_buf())
     }
@@ -101,14 +100,9 @@ impl SmallDisk {
     pub fn mount_ext4(dir: &Path, mib: u64) -> SmallDisk {
         let image = dir.with_extension("img");
         let run = |program: &str, args: &[&str]| {
-            let out = std::process::Command::new(program)
-                .args(args)
-                .output()
-                .unwrap_or_else(|e| panic!("{program}: {e}"));
-            assert!(
-                out.status.success(),
-                "{program} {args:?} (this test needs root and e2fsprogs for a loop-mounted disk): {}",
-                String::from_utf8_lossy(&out.stderr)
+            run_ok(
+                Command::new(program).args(args),
+                "this test needs root and e2fsprogs for a loop-mounted disk",
             );
         };
         let image_str = image.to_str().expect("utf8");
@@ -122,11 +116,7 @@ impl SmallDisk {
 impl Drop for SmallDisk {
     fn drop(&mut self) {
         // -d frees a loop device too.
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg("-d")
-            .arg(&self.0)
-            .status();
+        let _ = Command::new("umount").arg("-l").arg("-d").arg(&self.0).status();
         let _ = std::fs::remove_file(self.0.with_extension("img"));
     }
 }

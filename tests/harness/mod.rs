@@ -37,6 +37,20 @@ pub fn dicops(args: &[&str]) -> Output {
         .expect("run dicops")
 }
 
+/// Runs `command`, which must exit 0; `needs` says what the test needs
+/// for it and is shown with the command's stderr when it fails.
+pub fn run_ok(command: &mut Command, needs: &str) -> Output {
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("{command:?}: {e} ({needs})"));
+    assert!(
+        out.status.success(),
+        "{command:?} ({needs}): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 pub fn install_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
@@ -442,6 +456,14 @@ impl Deployment {
         let (status, body) = self.get(&format!("/api/v1/jobs/{job}/runs?limit=100"));
         assert!(status.is_success(), "{status}");
         serde_json::from_slice(&body).expect("runs")
+    }
+
+    /// `dicops run JOB --follow` for a run that must fail (the CLI exits
+    /// 1): the run as the controller recorded it.
+    pub fn run_failing(&self, job: &str) -> dicops_proto::RunInfo {
+        let (code, out, _) = self.cli(&["run", job, "--follow"]);
+        assert_eq!(code, 1, "run {job} must fail: {out}");
+        self.runs(job).remove(0)
     }
 
     pub fn run(&self, id: i64) -> dicops_proto::RunInfo {
